@@ -1,0 +1,121 @@
+"""The one small protocol every engine backend implements: build → artifact files; load → callable."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from monai_trt.errors import PatchError
+
+__all__ = ["BuildJob", "Backend", "Engine", "Profile", "merge_build_args"]
+
+# One optimisation profile: per input, (min_shape, opt_shape, max_shape).
+Profile = tuple[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]
+
+
+@dataclass
+class BuildJob:
+    """Everything a backend needs to build one engine.
+
+    Attributes:
+        module: graph to export: `forward(*tensors) -> tuple[Tensor, ...]`, already in the target precision.
+        example_inputs: the real inputs of the call that triggered the build, in engine dtypes.
+        input_names / output_names: engine I/O names.
+        profiles: shape profiles the engine must accept (backends without multi-profile support get one).
+        precision: fp32 | tf32 | fp16 | bf16.
+        build_args: effective backend options (defaults merged under the user's values).
+        export_args: exporter options.
+        device: where the engine runs.
+        label: human-readable name for logs and errors.
+    """
+
+    module: nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    profiles: tuple[Profile, ...]
+    precision: str
+    build_args: Mapping[str, Any]
+    export_args: Mapping[str, Any]
+    device: torch.device
+    label: str = ""
+
+    @property
+    def ranges(self) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """Per input, per dim, the (min, max) over all profiles."""
+        out = []
+        for i in range(len(self.example_inputs)):
+            lows = [p[i][0] for p in self.profiles]
+            highs = [p[i][2] for p in self.profiles]
+            out.append(tuple((min(lo), max(hi)) for lo, hi in zip(zip(*lows), zip(*highs))))
+        return tuple(out)
+
+
+class Engine(Protocol):
+    """A loaded engine: flat input tensors (engine dtypes, on its device) → fresh output tensors."""
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
+
+
+class Backend(Protocol):
+    """An engine kind. `default_build_args` also lists the accepted `build_args` keys."""
+
+    name: ClassVar[str]
+    default_build_args: ClassVar[Mapping[str, Any]]
+    multi_profile: ClassVar[bool]
+    precisions: ClassVar[tuple[str, ...]]
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """None when this backend can build and run engines on `device`, else why not (one sentence)."""
+
+    def versions(self) -> dict[str, str]:
+        """Versions of every library that shapes the engine (part of the cache key)."""
+
+    def build(self, job: BuildJob, out_dir: Path) -> list[str]:
+        """Build the engine into `out_dir`; return the artifact file names written there."""
+
+    def load(self, entry_dir: Path, meta: Mapping[str, Any], device: torch.device) -> Engine:
+        """Load a built engine from a verified cache entry."""
+
+
+def merge_build_args(backend: Backend, user: Mapping[str, Any], strict: bool = True) -> dict[str, Any]:
+    """User build_args merged over the backend's defaults (never replacing them wholesale).
+
+    Args:
+        strict: raise on keys the backend does not accept; with False (method `auto`) they are dropped.
+
+    Raises:
+        PatchError: an unknown key (strict) or a value whose type differs from the default's.
+    """
+    defaults = dict(backend.default_build_args)
+    unknown = sorted(set(user) - set(defaults))
+    if unknown and strict:
+        raise PatchError(
+            f"build_args {unknown} are not accepted by method '{backend.name}'; accepted keys: {sorted(defaults)}"
+        )
+    merged = dict(defaults)
+    for key, value in user.items():
+        if key not in defaults:
+            continue
+        default = defaults[key]
+        if default is not None and not _same_kind(default, value):
+            raise PatchError(
+                f"build_args['{key}'] for method '{backend.name}' must be {type(default).__name__}, got {value!r}"
+            )
+        merged[key] = value
+    return merged
+
+
+def _same_kind(default: Any, value: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float))
+    if isinstance(default, Mapping):
+        return isinstance(value, Mapping)
+    return isinstance(value, type(default))

@@ -1,0 +1,98 @@
+"""`onnxruntime`: ONNX export → ONNX Runtime session (CPU; CUDA when onnxruntime has its CUDA provider)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from monai.utils import optional_import
+
+from monai_trt.backends.base import BuildJob, Engine
+from monai_trt.export import export_onnx
+
+__all__ = ["OnnxRuntimeBackend"]
+
+ort, _HAS_ORT = optional_import("onnxruntime")
+logger = logging.getLogger(__name__)
+MODEL = "model.onnx"
+
+
+class OnnxRuntimeBackend:
+    """ONNX Runtime engines. `build_args`: graph optimisation level and thread counts."""
+
+    name: ClassVar[str] = "onnxruntime"
+    multi_profile: ClassVar[bool] = False
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "tf32", "fp16")
+    default_build_args: ClassVar[Mapping[str, Any]] = {
+        "graph_optimization_level": "all",
+        "intra_op_num_threads": 0,
+        "inter_op_num_threads": 0,
+    }
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        if not _HAS_ORT:
+            return "the onnxruntime package is not installed (pip install onnxruntime)"
+        if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            return "this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)"
+        if device.type not in ("cpu", "cuda"):
+            return f"device type {device.type} is not supported"
+        return None
+
+    def versions(self) -> dict[str, str]:
+        import onnx  # noqa: PLC0415
+
+        return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__}
+
+    def build(self, job: BuildJob, out_dir: Path) -> list[str]:
+        files = export_onnx(job, str(out_dir / MODEL))
+        # Check the session can be created here, so a graph ORT rejects fails the build, not the first call.
+        self._session(out_dir, job.build_args, job.device)
+        return files
+
+    def load(self, entry_dir: Path, meta: Mapping[str, Any], device: torch.device) -> Engine:
+        return _OrtEngine(self._session(entry_dir, meta["build_args"], device), device)
+
+    @staticmethod
+    def _session(directory: Path, build_args: Mapping[str, Any], device: torch.device) -> Any:
+        options = ort.SessionOptions()
+        level = str(build_args["graph_optimization_level"]).lower()
+        levels = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }
+        if level not in levels:
+            raise ValueError(f"graph_optimization_level must be one of {sorted(levels)}, got {level!r}")
+        options.graph_optimization_level = levels[level]
+        options.intra_op_num_threads = int(build_args["intra_op_num_threads"])
+        options.inter_op_num_threads = int(build_args["inter_op_num_threads"])
+        options.log_severity_level = 3
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        return ort.InferenceSession(str(directory / MODEL), sess_options=options, providers=providers)
+
+
+class _OrtEngine:
+    """Runs the session; host round trip (correct everywhere, the fast path for CPU)."""
+
+    def __init__(self, session: Any, device: torch.device) -> None:
+        self._session = session
+        self._device = device
+        self._names = [i.name for i in session.get_inputs()]
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        feeds = {name: _to_numpy(t) for name, t in zip(self._names, inputs)}
+        outputs = self._session.run(None, feeds)
+        return [torch.from_numpy(np.ascontiguousarray(o)).to(self._device) for o in outputs]
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    if tensor.dtype == torch.bfloat16:
+        raise TypeError("onnxruntime inputs cannot be bfloat16 on the host; use precision fp16 or fp32")
+    return tensor.detach().cpu().numpy()

@@ -1,0 +1,252 @@
+"""Parse and validate `trt_patch` and the `trt` switch into frozen entries.
+
+Every configuration error is raised here, as a :class:`PatchError`, before any export or build starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from monai_trt.errors import PatchError
+
+__all__ = ["PatchEntry", "parse_patch", "parse_switch", "default_cache_dir", "PRECISIONS", "METHODS"]
+
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+METHODS = ("auto", "onnx", "torch_trt", "aoti", "onnxruntime")
+REFIT_MODES = ("none", "identical", "refit")
+ENV_SWITCH = "MONAI_TRT"
+ENV_CACHE = "MONAI_TRT_CACHE"
+_TRUE = ("true", "1", "on", "yes")
+_FALSE = ("false", "0", "off", "no")
+
+# Keys model-zoo authors pass to MONAI's trt_compile that have no effect here; accepted so that existing
+# inference_trt.json files move over mechanically, and reported once at INFO.
+IGNORED_ZOO_KEYS = ("timestamp", "logger", "forward_override", "output_lists")
+
+
+@dataclass(frozen=True)
+class PatchEntry:
+    """One validated `trt_patch` entry, for a single submodule.
+
+    Attributes:
+        submodule: dotted path inside the network; "" is the whole network.
+        path: cache directory for this entry's engines.
+        precision: one of fp32, tf32, fp16, bf16.
+        method: one of auto, onnx, torch_trt, aoti, onnxruntime.
+        build_args: user build options (merged over the backend's defaults when the engine is built).
+        dynamic_batchsize: (min, opt, max) for dim 0 of every tensor input, or None.
+        input_profiles: per-profile mapping input name -> (min_shape, opt_shape, max_shape), or ().
+        fallback: run PyTorch (with a warning) when an engine cannot be built or run.
+        validate: compare each engine with PyTorch on its first call in a process; a mismatch falls back.
+        tolerance: override of the relative L2 error allowed by validation (None: per-precision default).
+        max_engines: the most engines (shape ranges) one submodule may build before calls go to PyTorch.
+        export_args: options for the exporter (e.g. opset_version), part of the cache key.
+        use_cuda_graph: capture CUDA graphs where the backend supports it.
+        refit: none (weights baked in), identical or refit (engine stored without weights).
+        output_names: names for the engine outputs (cosmetic, as in trt_compile).
+    """
+
+    submodule: str = ""
+    path: str = ""
+    precision: str = "fp16"
+    method: str = "auto"
+    build_args: Mapping[str, Any] = field(default_factory=dict)
+    dynamic_batchsize: tuple[int, int, int] | None = None
+    input_profiles: tuple[Mapping[str, tuple[tuple[int, ...], ...]], ...] = ()
+    fallback: bool = True
+    validate: bool = True
+    tolerance: float | None = None
+    max_engines: int = 4
+    export_args: Mapping[str, Any] = field(default_factory=dict)
+    use_cuda_graph: bool = False
+    refit: str = "none"
+    output_names: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """Short human-readable name used in log lines."""
+        return f"'{self.submodule or '<network>'}' ({self.method}, {self.precision})"
+
+
+_FIELDS = tuple(PatchEntry.__dataclass_fields__)
+
+
+def default_cache_dir() -> str:
+    """Cache root: env MONAI_TRT_CACHE, else $XDG_CACHE_HOME/monai_trt, else ~/.cache/monai_trt."""
+    if os.environ.get(ENV_CACHE):
+        return os.environ[ENV_CACHE]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return os.path.join(base, "monai_trt")
+
+
+def parse_switch(enabled: Any) -> bool:
+    """Resolve the on/off switch: env MONAI_TRT (if set) overrides `enabled`.
+
+    Args:
+        enabled: a bool, 0/1, or one of the strings true/false/1/0/on/off/yes/no (any case).
+
+    Raises:
+        PatchError: the value (or the env variable) is not boolean-like.
+    """
+    env = os.environ.get(ENV_SWITCH)
+    if env is not None and env.strip() != "":
+        return _as_bool(env, f"environment variable {ENV_SWITCH}")
+    return _as_bool(enabled, "the trt switch (enabled=)")
+
+
+def _as_bool(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise PatchError(f"{what} must be boolean-like (true/false/1/0/on/off), got {value!r}")
+
+
+def parse_patch(patch: Any) -> tuple[PatchEntry, ...]:
+    """Validate a `trt_patch` section into one frozen entry per submodule.
+
+    Args:
+        patch: a list of entry dicts, a single entry dict, or None/empty (nothing to patch).
+
+    Raises:
+        PatchError: with the entry index and field at fault.
+    """
+    if patch is None:
+        return ()
+    if isinstance(patch, Mapping):
+        patch = [patch]
+    if not isinstance(patch, Sequence) or isinstance(patch, (str, bytes)):
+        raise PatchError(f"trt_patch must be a list of entries or one entry dict, got {type(patch).__name__}")
+    entries: list[PatchEntry] = []
+    for index, raw in enumerate(patch):
+        entries.extend(_parse_entry(index, raw))
+    seen: dict[str, int] = {}
+    for entry in entries:
+        if entry.submodule in seen:
+            raise PatchError(f"trt_patch: submodule '{entry.submodule}' appears in more than one entry")
+        seen[entry.submodule] = 1
+    _check_nesting([e.submodule for e in entries])
+    return tuple(entries)
+
+
+def _check_nesting(paths: list[str]) -> None:
+    for a in paths:
+        for b in paths:
+            if a != b and (a == "" or b.startswith(a + ".")):
+                raise PatchError(
+                    f"trt_patch: submodule '{b}' lies inside '{a or '<network>'}'; an engine cannot contain another "
+                    "engine. Patch either the outer module or the inner ones."
+                )
+
+
+def _parse_entry(index: int, raw: Any) -> list[PatchEntry]:
+    where = f"trt_patch[{index}]"
+    if not isinstance(raw, Mapping):
+        raise PatchError(f"{where} must be a dict, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_FIELDS) - set(IGNORED_ZOO_KEYS))
+    if unknown:
+        raise PatchError(f"{where}: unknown key(s) {unknown}; accepted keys are {sorted(_FIELDS)}")
+    values: dict[str, Any] = {}
+    values["path"] = _as_str(raw.get("path") or default_cache_dir(), f"{where}.path")
+    values["precision"] = _choice(raw.get("precision", "fp16"), PRECISIONS, f"{where}.precision")
+    values["method"] = _choice(raw.get("method", "auto"), METHODS, f"{where}.method")
+    values["refit"] = _choice(raw.get("refit", "none"), REFIT_MODES, f"{where}.refit")
+    values["build_args"] = _as_dict(raw.get("build_args"), f"{where}.build_args")
+    values["export_args"] = _as_dict(raw.get("export_args"), f"{where}.export_args")
+    for flag in ("fallback", "validate", "use_cuda_graph"):
+        if flag in raw:
+            values[flag] = _as_bool(raw[flag], f"{where}.{flag}")
+    if raw.get("tolerance") is not None:
+        tol = raw["tolerance"]
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol <= 0:
+            raise PatchError(f"{where}.tolerance must be a positive number, got {tol!r}")
+        values["tolerance"] = float(tol)
+    if "max_engines" in raw:
+        n = raw["max_engines"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise PatchError(f"{where}.max_engines must be a positive integer, got {n!r}")
+        values["max_engines"] = n
+    if raw.get("output_names") is not None:
+        names = raw["output_names"]
+        if not isinstance(names, Sequence) or isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise PatchError(f"{where}.output_names must be a list of strings, got {names!r}")
+        values["output_names"] = tuple(names)
+    dyn, profiles = raw.get("dynamic_batchsize"), raw.get("input_profiles")
+    if dyn is not None and profiles:
+        raise PatchError(f"{where}: give either dynamic_batchsize or input_profiles, not both")
+    if dyn is not None:
+        values["dynamic_batchsize"] = _parse_batch_range(dyn, f"{where}.dynamic_batchsize")
+    if profiles:
+        values["input_profiles"] = _parse_profiles(profiles, f"{where}.input_profiles")
+    submodules = raw.get("submodule", "")
+    if submodules is None:
+        submodules = ""
+    if isinstance(submodules, str):
+        submodules = [submodules]
+    if not isinstance(submodules, Sequence) or not all(isinstance(s, str) for s in submodules) or not submodules:
+        raise PatchError(f"{where}.submodule must be a dotted path or a list of them, got {raw.get('submodule')!r}")
+    return [PatchEntry(submodule=s.strip(), **values) for s in submodules]
+
+
+def _as_str(value: Any, what: str) -> str:
+    if not isinstance(value, (str, os.PathLike)):
+        raise PatchError(f"{what} must be a path string, got {value!r}")
+    return os.fspath(value)
+
+
+def _choice(value: Any, options: tuple[str, ...], what: str) -> str:
+    if not isinstance(value, str) or value.lower() not in options:
+        raise PatchError(f"{what} must be one of {list(options)}, got {value!r}")
+    return value.lower()
+
+
+def _as_dict(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise PatchError(f"{what} must be a dict with string keys, got {value!r}")
+    return dict(value)
+
+
+def _positive_ints(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise PatchError(f"{what} must be a list of positive integers, got {value!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+        raise PatchError(f"{what} must be a list of positive integers, got {value!r}")
+    return tuple(int(v) for v in value)
+
+
+def _parse_batch_range(value: Any, what: str) -> tuple[int, int, int]:
+    ints = _positive_ints(value, what)
+    if len(ints) != 3 or not ints[0] <= ints[1] <= ints[2]:
+        raise PatchError(f"{what} must be [min, opt, max] with min <= opt <= max, got {value!r}")
+    return ints  # type: ignore[return-value]
+
+
+def _parse_profiles(value: Any, what: str) -> tuple[dict[str, tuple[tuple[int, ...], ...]], ...]:
+    if isinstance(value, Mapping):
+        value = [value]
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise PatchError(f"{what} must be a list of {{input_name: [min_shape, opt_shape, max_shape]}} dicts")
+    profiles = []
+    for p, profile in enumerate(value):
+        if not isinstance(profile, Mapping) or not profile:
+            raise PatchError(f"{what}[{p}] must be a non-empty dict input_name -> [min_shape, opt_shape, max_shape]")
+        parsed = {}
+        for name, shapes in profile.items():
+            loc = f"{what}[{p}][{name!r}]"
+            if not isinstance(shapes, Sequence) or len(shapes) != 3:
+                raise PatchError(f"{loc} must be [min_shape, opt_shape, max_shape], got {shapes!r}")
+            lo, opt, hi = (_positive_ints(s, loc) for s in shapes)
+            if not len(lo) == len(opt) == len(hi):
+                raise PatchError(f"{loc}: min/opt/max shapes have different ranks: {shapes!r}")
+            if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+                raise PatchError(f"{loc}: need min <= opt <= max in every dimension, got {shapes!r}")
+            parsed[str(name)] = (lo, opt, hi)
+        profiles.append(parsed)
+    return tuple(profiles)
