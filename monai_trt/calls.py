@@ -15,7 +15,10 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["CallLayout", "CapturedCall", "UnsupportedCall", "capture_call", "engine_float_dtype", "dtype_name"]
+__all__ = [
+    "CallLayout", "CapturedCall", "UnsupportedCall", "capture_call", "engine_float_dtype", "dtype_name",
+    "forward_signature", "flatten_outputs",
+]
 
 _CONSTANT_TYPES = (type(None), bool, int, float, str)
 
@@ -91,12 +94,15 @@ def _leaf_name(path: tuple[Any, ...]) -> str:
 
 
 def capture_call(
-    signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any], precision: str
+    signature: inspect.Signature,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    float_dtype: Callable[[torch.device], torch.dtype],
 ) -> CapturedCall:
     """Split a forward call into engine inputs.
 
-    Floating-point tensors are cast to the engine's input dtype for `precision` and made contiguous; integer and
-    bool tensors keep their dtype (a different integer dtype selects a different engine).
+    Floating-point tensors are cast to `float_dtype(device)` (the engine's input dtype on the inputs' device) and
+    made contiguous; integer and bool tensors keep their dtype (another integer dtype selects another engine).
 
     Raises:
         UnsupportedCall: the arguments do not bind to the forward signature, or hold a leaf that is neither a
@@ -107,25 +113,25 @@ def capture_call(
     except TypeError as err:
         raise UnsupportedCall(f"arguments do not match forward{signature}: {err}") from err
     flat, spec = pytree.tree_flatten_with_path(dict(bound.arguments))
-    float_dtype = engine_float_dtype(precision)
+    devices = {str(leaf.device) for _, leaf in flat if isinstance(leaf, torch.Tensor)}
+    if len(devices) > 1:
+        raise UnsupportedCall(f"inputs are on several devices: {sorted(devices)}")
+    device = devices.pop() if devices else "cpu"
+    floats = float_dtype(torch.device(device))
     leaves, tensors, slots, names, constants = [], [], [], [], []
-    devices = set()
     for slot, (path, leaf) in enumerate(flat):
         leaves.append(leaf)
         if isinstance(leaf, torch.Tensor):
             if leaf.is_complex() or leaf.is_sparse or leaf.is_quantized:
                 raise UnsupportedCall(f"input {_leaf_name(path)} has unsupported tensor type {leaf.dtype}/{leaf.layout}")
-            tensor = leaf.to(float_dtype) if leaf.is_floating_point() else leaf
+            tensor = leaf.to(floats) if leaf.is_floating_point() else leaf
             tensors.append(tensor.contiguous())
             slots.append(slot)
             names.append(_leaf_name(path))
-            devices.add(str(leaf.device))
         elif isinstance(leaf, _CONSTANT_TYPES):
             constants.append(leaf)
         else:
             raise UnsupportedCall(f"argument {_leaf_name(path)} of type {type(leaf).__name__} is not a tensor or constant")
-    if len(devices) > 1:
-        raise UnsupportedCall(f"inputs are on several devices: {sorted(devices)}")
     names = _dedupe(names)
     layout = CallLayout(
         in_tree=str(spec),
@@ -133,7 +139,7 @@ def capture_call(
         dtypes=tuple(dtype_name(t.dtype) for t in tensors),
         ndims=tuple(t.dim() for t in tensors),
         constants=tuple(constants),
-        device=devices.pop() if devices else "cpu",
+        device=device,
     )
     return CapturedCall(layout, tensors, signature, leaves, slots, spec)
 

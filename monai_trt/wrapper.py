@@ -20,7 +20,9 @@ from torch import nn
 
 from monai_trt.backends import Backend, BuildJob, merge_build_args, resolve_method
 from monai_trt.cache import CacheEntry, EngineCache
-from monai_trt.calls import CapturedCall, UnsupportedCall, capture_call, dtype_name, flatten_outputs, forward_signature
+from monai_trt.calls import (
+    CapturedCall, UnsupportedCall, capture_call, dtype_name, engine_float_dtype, flatten_outputs, forward_signature,
+)
 from monai_trt.errors import BackendUnavailable, EngineBuildError, MonaiTrtError
 from monai_trt.export import DEFAULT_EXPORT_ARGS, FlatForward, precision_module
 from monai_trt.keys import WeightsHasher, architecture_fingerprint, device_info, engine_key, platform_info
@@ -95,7 +97,7 @@ class EngineWrapper:
         if self.disabled or self.module.training or torch.compiler.is_compiling() or torch.jit.is_scripting():
             return self.original(*args, **kwargs)
         try:
-            call = capture_call(self._signature, args, kwargs, self.entry.precision)
+            call = capture_call(self._signature, args, kwargs, self._input_float_dtype)
         except UnsupportedCall as err:
             self._warn_once(f"call:{err}", "%s: this call runs in PyTorch: %s", self.entry.describe(), err)
             return self.original(*args, **kwargs)
@@ -154,6 +156,13 @@ class EngineWrapper:
             self._engines[layout] = [e for e in engines if e.weights is None]
 
     # ------------------------------------------------------------------ build / load
+    def _input_float_dtype(self, device: torch.device) -> torch.dtype:
+        try:
+            backend, _ = self._backend(device)
+        except MonaiTrtError:
+            return engine_float_dtype(self.entry.precision)
+        return engine_float_dtype(backend.graph_precision(self.entry.precision))
+
     def _backend(self, device: torch.device) -> tuple[Backend, dict[str, Any]]:
         if device.type not in self._backends:
             backend, why = resolve_method(self.entry.method, device, self.entry.precision)
@@ -221,14 +230,14 @@ class EngineWrapper:
 
         def build(tmp: Path) -> dict[str, Any]:
             start = time.perf_counter()
-            module, forward = precision_module(self.module, self.original, self.entry.precision)
+            module, forward = precision_module(self.module, self.original, backend.graph_precision(self.entry.precision))
             job = BuildJob(
                 module=FlatForward(module, forward, call).eval(),
                 example_inputs=tuple(call.tensors),
                 input_names=call.layout.names,
                 output_names=self.entry.output_names or tuple(f"output_{i}" for i in range(len(leaves))),
                 profiles=tuple(profiles), precision=self.entry.precision, build_args=build_args,
-                export_args=export_args, device=torch.device(call.layout.device), label=label,
+                export_args=export_args, device=torch.device(call.layout.device), label=label, cache_root=cache.root,
             )
             with torch.no_grad():
                 artifacts = backend.build(job, tmp)

@@ -53,6 +53,9 @@ class AotiBackend:
             pass
         return versions
 
+    def graph_precision(self, precision: str) -> str:
+        return precision
+
     def build(self, job: BuildJob, out_dir: Path) -> list[str]:
         program = export_program(job)
         configs = {

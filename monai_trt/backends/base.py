@@ -32,6 +32,7 @@ class BuildJob:
         export_args: exporter options.
         device: where the engine runs.
         label: human-readable name for logs and errors.
+        cache_root: the engine cache root (for side caches such as TensorRT's timing cache).
     """
 
     module: nn.Module
@@ -44,6 +45,7 @@ class BuildJob:
     export_args: Mapping[str, Any]
     device: torch.device
     label: str = ""
+    cache_root: Path | None = None
 
     @property
     def ranges(self) -> tuple[tuple[tuple[int, int], ...], ...]:
@@ -75,6 +77,9 @@ class Backend(Protocol):
 
     def versions(self) -> dict[str, str]:
         """Versions of every library that shapes the engine (part of the cache key)."""
+
+    def graph_precision(self, precision: str) -> str:
+        """Precision the exported graph must carry for an engine of `precision` (fp32: the builder casts)."""
 
     def build(self, job: BuildJob, out_dir: Path) -> list[str]:
         """Build the engine into `out_dir`; return the artifact file names written there."""

@@ -47,6 +47,9 @@ class OnnxRuntimeBackend:
 
         return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__}
 
+    def graph_precision(self, precision: str) -> str:
+        return precision
+
     def build(self, job: BuildJob, out_dir: Path) -> list[str]:
         files = export_onnx(job, str(out_dir / MODEL))
         # Check the session can be created here, so a graph ORT rejects fails the build, not the first call.

@@ -35,6 +35,9 @@ class TensorRTBackend:
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__, "tensorrt": getattr(trt, "__version__", "missing")}
 
+    def graph_precision(self, precision: str) -> str:
+        return precision
+
     def build(self, job: BuildJob, out_dir: Path) -> list[str]:
         raise BackendUnavailable(self.unavailable_reason(job.device) or "the onnx (TensorRT) method is not built yet")
 

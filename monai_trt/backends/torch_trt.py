@@ -35,6 +35,9 @@ class TorchTensorRTBackend:
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__, "torch_tensorrt": getattr(torch_tensorrt, "__version__", "missing")}
 
+    def graph_precision(self, precision: str) -> str:
+        return precision
+
     def build(self, job: BuildJob, out_dir: Path) -> list[str]:
         raise BackendUnavailable(self.unavailable_reason(job.device) or "the torch_trt method is not built yet")
 

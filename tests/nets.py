@@ -1,0 +1,60 @@
+"""Small networks for tests: fast to export, covering the I/O shapes real bundles have."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinySeg(nn.Module):
+    """3D conv + instance norm segmentation head (like the first block of a MONAI UNet)."""
+
+    def __init__(self, in_ch: int = 1, out_ch: int = 2) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv3d(in_ch, 4, 3, padding=1), nn.InstanceNorm3d(4, affine=True), nn.ReLU())
+        self.head = nn.Conv3d(4, out_ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class MultiIO(nn.Module):
+    """Float image + int64 labels + an optional keyword tensor; returns a tuple and a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.embed = nn.Embedding(10, 3)
+
+    def forward(self, image: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | None = None, mode: str = "sum"):
+        feat = self.conv(image)
+        emb = self.embed(labels)[:, :, None, None]
+        if scale is not None:
+            feat = feat * scale
+        combined = feat + emb if mode == "sum" else feat - emb
+        return combined, {"pooled": combined.mean(dim=(2, 3)), "argmax": combined.argmax(dim=1)}
+
+
+class DataDependent(nn.Module):
+    """Python control flow on tensor values: not exportable, so the engine must fall back to PyTorch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.sum()) > 0:
+            return self.lin(x)
+        return self.lin(-x)
+
+
+class Composite(nn.Module):
+    """A network with named children, for submodule paths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU())
+        self.decoder = nn.ModuleDict({"head": nn.Conv3d(4, 2, 1)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder["head"](self.encoder(x))
