@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from monai.apps.utils import get_logger as _get_logger
 
+_get_logger("monai_trt")  # MONAI-style: INFO to stdout; must run before any monai_trt.* logger exists
+
 from monai_trt.errors import BackendUnavailable, CacheError, EngineBuildError, MonaiTrtError, PatchError
 from monai_trt.hook import apply, remove, wrappers
 
@@ -27,5 +29,3 @@ __all__ = [
     "CacheError",
     "__version__",
 ]
-
-_get_logger("monai_trt")

@@ -75,7 +75,7 @@ def apply(network: nn.Module, patch: Any, enabled: Any = True) -> nn.Module:
     remove(network)
     for entry, module in targets:
         module.forward = EngineWrapper(module, entry.path, entry)
-        logger.info("monai_trt: %s will build its engine on first use (cache: %s)", entry.describe(), entry.path)
+        logger.info("%s will build its engine on first use (cache: %s)", entry.describe(), entry.path)
     return network
 
 

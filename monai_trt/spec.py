@@ -68,7 +68,7 @@ class PatchEntry:
 
     def describe(self) -> str:
         """Short human-readable name used in log lines."""
-        return f"'{self.submodule or '<network>'}' ({self.method}, {self.precision})"
+        return f"monai_trt '{self.submodule or '<network>'}' ({self.method}, {self.precision})"
 
 
 _FIELDS = tuple(PatchEntry.__dataclass_fields__)

@@ -109,6 +109,8 @@ class EngineWrapper:
             with _no_autocast(call.layout.device, autocast):
                 outputs = loaded.run(call.tensors)
             return loaded.restore(outputs, autocast)
+        except _CallerError as err:
+            raise err.__cause__ from None  # PyTorch itself rejects these inputs: the caller's error, not the engine's
         except MonaiTrtError as err:
             return self._fail(err, args, kwargs)
         except Exception as err:  # noqa: BLE001 - any backend failure must become a fallback, never garbage
@@ -181,6 +183,8 @@ class EngineWrapper:
             return None
         device = torch.device(call.layout.device)
         backend, build_args = self._backend(device)
+        if not backend.multi_profile:
+            profiles = profiles[:1]  # one engine per profile; the matching one comes first
         if self._weights is None:
             self._weights = WeightsHasher(self.module)
             self._architecture = architecture_fingerprint(self.module)
@@ -216,8 +220,12 @@ class EngineWrapper:
         return loaded
 
     def _reference(self, args: Any, kwargs: Any) -> tuple[list[torch.Tensor], Any]:
-        with torch.no_grad():
-            return flatten_outputs(self.original(*args, **kwargs))
+        try:
+            with torch.no_grad():
+                outputs = self.original(*args, **kwargs)
+        except Exception as err:
+            raise _CallerError() from err
+        return flatten_outputs(outputs)
 
     def _build(
         self, cache: EngineCache, key: str, key_inputs: Mapping[str, Any], call: CapturedCall, profiles: list,
@@ -226,9 +234,11 @@ class EngineWrapper:
         leaves, out_spec = reference
         label = self.entry.describe()
         shapes = ", ".join(f"{n}:{list(t.shape)}:{dtype_name(t.dtype)}" for n, t in zip(call.layout.names, call.tensors))
-        logger.info("%s: building %s engine for inputs %s (key %s)...", label, backend.name, shapes, key[:12])
+        built = []
 
         def build(tmp: Path) -> dict[str, Any]:
+            logger.info("%s: building %s engine for inputs %s (key %s)...", label, backend.name, shapes, key[:12])
+            built.append(True)
             start = time.perf_counter()
             module, forward = precision_module(self.module, self.original, backend.graph_precision(self.entry.precision))
             job = BuildJob(
@@ -257,8 +267,11 @@ class EngineWrapper:
             raise
         except Exception as err:
             raise EngineBuildError(f"building with method '{backend.name}' failed: {type(err).__name__}: {err}") from err
-        self.builds += 1
-        logger.info("%s: engine ready in %.1f s at %s", label, time.perf_counter() - start, entry.path)
+        if built:
+            self.builds += 1
+            logger.info("%s: engine ready in %.1f s at %s", label, time.perf_counter() - start, entry.path)
+        else:
+            logger.info("%s: using cached engine %s (built by another process)", label, entry.path)
         return entry
 
     def _load(
@@ -301,6 +314,10 @@ class EngineWrapper:
 
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError("monai_trt wrappers are not picklable; save the state_dict, or monai_trt.remove() first")
+
+
+class _CallerError(Exception):
+    """The original forward raised on the caller's inputs (re-raised unchanged, engine stays enabled)."""
 
 
 @contextlib.contextmanager

@@ -1,0 +1,268 @@
+"""`python -m monai_trt <command>` (or `monai-trt`): build, ls, verify, clean, info.
+
+Each command is a plain function whose signature is its command line (fire), with the config conventions of
+`python -m monai.bundle run`::
+
+    python -m monai_trt build --bundle_root bundles/spheres_segmentation \\
+        --config_file "['configs/inference.json','configs/inference_trt.json']"
+    python -m monai_trt ls [--json]
+    python -m monai_trt verify --bundle_root <dir> [--config_file ...]
+    python -m monai_trt clean [--max_size 2GB | --all] [--yes]
+    python -m monai_trt info [--json]
+
+Results go to stdout (tables, or JSON with `--json`); progress and warnings go to stderr. Progress is shown on a
+terminal only; `--quiet` hides it there too. A failed build or verification exits with status 1.
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import monai_trt
+from monai_trt.cli_bundle import CliError, load_bundle
+from monai_trt.cli_cache import clean_cache, engine_table, format_size, parse_size, scan
+from monai_trt.cli_progress import Progress, cli_logging, is_interactive
+from monai_trt.errors import MonaiTrtError
+from monai_trt.spec import default_cache_dir
+
+__all__ = ["build", "ls", "verify", "clean", "info", "main"]
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def _when(stamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else "-"
+
+
+def _shapes(meta: Any) -> str:
+    """`x:[1-4,1,64,64,64]` from an entry's first profile (min-max where they differ)."""
+    io = meta.get("io") or {}
+    parts = []
+    for name, inp in zip(io.get("names", []), (io.get("profiles") or [[]])[0]):
+        dims = [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in zip(inp[0], inp[2])]
+        parts.append(f"{name}:[{','.join(dims)}]")
+    return " ".join(parts)
+
+
+def _progress(quiet: bool | None) -> Progress:
+    """Progress on stderr when it is a terminal (or `--noquiet`), never with `--quiet`."""
+    return Progress(enabled=is_interactive(sys.stderr) if quiet is None else not quiet)
+
+
+def build(
+    config_file: Any = None,
+    bundle_root: str | None = None,
+    meta_file: str | None = None,
+    net_id: str = "network",
+    patch_id: str = "trt_patch",
+    ckpt: str | None = None,
+    batch: Any = None,
+    spatial_shape: Any = None,
+    json: bool = False,
+    quiet: bool | None = None,
+    verbose: bool = False,
+    **override: Any,
+) -> None:
+    """Build every engine the bundle's trt_patch describes, without data, into the cache a run will use.
+
+    The network is parsed from the configs, gets the weights the run's CheckpointLoader would load, is patched, and
+    is called once per shape the run will use: batch = dynamic_batchsize opt (any batch in range gives the same
+    key; without dynamic_batchsize: --batch, else the inferer's sw_batch_size, else 1) and channels / spatial shape /
+    dtype from metadata network_data_format; entries with input_profiles are called at each profile's opt shapes.
+
+    Args:
+        config_file: config file(s), merged in order (default configs/inference.json + configs/inference_trt.json).
+        bundle_root: the bundle directory (also overrides the config's `bundle_root`).
+        meta_file: metadata.json (default: beside the first config file).
+        net_id: config id of the network the evaluator runs.
+        patch_id: config id of the monai_trt patch.
+        ckpt: checkpoint to load (default: the CheckpointLoader's load_path, else models/model.pt).
+        batch: batch size (or list of sizes) for entries without dynamic_batchsize.
+        spatial_shape: override of network_data_format spatial_shape, e.g. "[96,96,96]".
+        json: print the result as JSON.
+        quiet: no progress display (default: shown only on a terminal).
+        verbose: show monai_trt's INFO logs.
+        override: other config ids to override, as in `monai.bundle run` (e.g. --device "\\$torch.device('cpu')").
+    """
+    progress = _progress(quiet)
+    start = time.perf_counter()
+    with cli_logging(verbose, progress), progress:
+        bundle = load_bundle(config_file, bundle_root, meta_file, net_id, patch_id, ckpt, override)
+        progress.note(f"bundle {bundle.name}: {type(bundle.network).__name__}, {len(bundle.patch)} patch "
+                      f"entr{'y' if len(bundle.patch) == 1 else 'ies'}, weights {bundle.weights or 'from config'}")
+        from monai_trt.cli_build import build_engines  # noqa: PLC0415 - imports the exporters
+
+        engines, failures = build_engines(bundle, batch, spatial_shape, lambda d: progress.note(f"calling {d}"))
+    if json:
+        print(jsonlib.dumps({
+            "bundle": bundle.name, "failures": failures, "seconds": round(time.perf_counter() - start, 3),
+            "engines": [{"label": e.label, "key": e.key, "path": str(e.path), "built": e.built,
+                         "method": e.meta.get("method"), "precision": e.meta.get("precision"),
+                         "build_seconds": e.meta.get("build_seconds")} for e in engines],
+        }, indent=1))
+    else:
+        rows = [("built" if e.built else "cached", e.key[:12], e.label, _shapes(e.meta),
+                 f"{e.meta.get('build_seconds', 0):.1f} s" if e.built else "-") for e in engines]
+        print(_table(rows, ("STATE", "KEY", "ENGINE", "INPUTS", "BUILD")))
+        roots = sorted({str(e.path.parent.parent) for e in engines})
+        print(f"{len(engines)} engine(s) ready ({sum(e.built for e in engines)} built) in {', '.join(roots) or '-'}; "
+              f"{time.perf_counter() - start:.1f} s")
+    if failures:
+        raise CliError("some engines were not built:\n  " + "\n  ".join(failures))
+
+
+def ls(cache_dir: str | None = None, json: bool = False) -> None:
+    """List the cache: network/submodule, method, precision, size, created, last used, hits, loadable here.
+
+    Args:
+        cache_dir: cache root (default: env MONAI_TRT_CACHE, else ~/.cache/monai_trt).
+        json: print JSON (one object per entry) for scripts.
+    """
+    root = Path(cache_dir or default_cache_dir()).expanduser()
+    with cli_logging(verbose=False):
+        entries = scan(root)
+    if json:
+        print(jsonlib.dumps({"cache": str(root), "entries": [e.to_json() for e in entries]}, indent=1))
+        return
+    print(f"cache {root}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
+          f"{format_size(sum(e.size for e in entries))}")
+    if not entries:
+        return
+    rows = [(e.key[:12], e.network, e.meta.get("method", "?"), e.meta.get("precision", "?"), _shapes(e.meta),
+             format_size(e.size), _when(e.created), _when(e.last_used), e.hits, "yes" if e.loadable else e.status)
+            for e in entries]
+    print(_table(rows, ("KEY", "NETWORK/SUBMODULE", "METHOD", "PREC", "INPUTS", "SIZE", "CREATED", "LAST USED",
+                        "HITS", "LOADABLE")))
+    for entry in (e for e in entries if not e.loadable):
+        print(f"  {entry.key[:12]}: {entry.status}: {entry.reason}")
+
+
+def verify(
+    config_file: Any = None,
+    bundle_root: str | None = None,
+    meta_file: str | None = None,
+    net_id: str = "network",
+    patch_id: str = "trt_patch",
+    ckpt: str | None = None,
+    cache_dir: str | None = None,
+    tolerance: float | None = None,
+    seed: int = 0,
+    json: bool = False,
+    quiet: bool | None = None,
+    verbose: bool = False,
+    **override: Any,
+) -> None:
+    """Check each cache entry of the bundle's network that is loadable here against PyTorch on random inputs.
+
+    Inputs follow the entry's recorded spec (names, dtypes, min/opt/max shapes of its profile); the measure is the
+    largest relative L2 error of the outputs, judged by the per-precision tolerance the runtime uses.
+    Config flags are those of `build`.
+
+    Args:
+        cache_dir: cache root to check (default: the patch entries' paths).
+        tolerance: relative L2 error allowed (default: 1e-3 fp32, 1e-2 tf32, 3e-2 fp16, 6e-2 bf16).
+        seed: seed of the random inputs.
+        json: print JSON.
+    """
+    progress = _progress(quiet)
+    with cli_logging(verbose, progress), progress:
+        bundle = load_bundle(config_file, bundle_root, meta_file, net_id, patch_id, ckpt, override)
+        from monai_trt.cli_build import verify_entries  # noqa: PLC0415 - imports the exporters
+
+        roots = [cache_dir] if cache_dir else sorted({e.path for e in bundle.patch}) or [default_cache_dir()]
+        progress.note(f"verifying the entries of {bundle.name} in {', '.join(roots)}")
+        verdicts, others = verify_entries(bundle.network, roots, tolerance, seed)
+    failed = [v for v in verdicts if v.outcome == "fail"]
+    if json:
+        print(jsonlib.dumps({"bundle": bundle.name, "other_entries": others, "entries": [
+            {"key": v.info.key, "outcome": v.outcome, "detail": v.detail, "network": v.info.network,
+             "method": v.info.meta.get("method"), "precision": v.info.meta.get("precision"),
+             "errors": [{"shapes": s, "rel_l2": err} for s, err in v.errors]} for v in verdicts]}, indent=1))
+    else:
+        rows = []
+        for v in verdicts:
+            measure = "; ".join(f"{' '.join(map(str, s))}: {err:.2e}" for s, err in v.errors) or "-"
+            rows.append((v.outcome.upper(), v.info.key[:12], v.info.network, v.info.meta.get("method", "?"),
+                         v.info.meta.get("precision", "?"), measure, v.detail))
+        print(_table(rows, ("RESULT", "KEY", "NETWORK/SUBMODULE", "METHOD", "PREC", "MAX REL L2 (per shape)", "")))
+        counts = {o: sum(v.outcome == o for v in verdicts) for o in ("pass", "fail", "skip")}
+        print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped; "
+              f"{others} entr{'y' if others == 1 else 'ies'} of other networks not checked")
+    if failed:
+        raise CliError(f"{len(failed)} engine(s) disagree with PyTorch")
+    if not verdicts:
+        raise CliError(f"no cache entry of {bundle.name}'s network in {', '.join(roots)}: run `build` first")
+
+
+def clean(
+    cache_dir: str | None = None, max_size: Any = None, all: bool = False, yes: bool = False, json: bool = False
+) -> None:
+    """Remove cache entries: invalid here (corrupt, other versions/GPU/platform, method unavailable), plus
+    quarantined entries and dead builds; with --max_size also least-recently-used ones down to that size; with
+    --all everything. Prints what would go; deletes only with --yes.
+
+    Args:
+        cache_dir: cache root (default: env MONAI_TRT_CACHE, else ~/.cache/monai_trt).
+        max_size: size budget for the valid entries, e.g. 2GB, 500MiB, 1e9.
+        all: remove every entry.
+        yes: really delete (default: dry run).
+        json: print JSON.
+    """
+    root = Path(cache_dir or default_cache_dir()).expanduser()
+    budget = parse_size(max_size) if max_size is not None else None
+    with cli_logging(verbose=False):
+        items, kept = clean_cache(root, everything=all, max_size=budget, yes=yes)
+    if json:
+        print(jsonlib.dumps({"cache": str(root), "dry_run": not yes, "items": items, "kept_entries": kept}, indent=1))
+        return
+    verb = "removed" if yes else "would remove"
+    for item in items:
+        state = verb if item["removed"] else f"kept ({item['skipped']})"
+        print(f"{state}  {item['key'][:12]}  {format_size(item['size'])}  {item['why']}")
+    gone = [item for item in items if item["removed"]]
+    print(f"{verb} {len(gone)} item(s), {format_size(sum(i['size'] for i in gone))}; {kept} "
+          f"entr{'y' if kept == 1 else 'ies'} kept in {root}" + (" (dry run: add --yes to delete)" if gone and not yes
+                                                               else ""))
+
+
+def info(json: bool = False) -> None:
+    """Which engine methods work on this machine and, for each missing one, why (package, CUDA, version).
+
+    Args:
+        json: print JSON.
+    """
+    with cli_logging(verbose=False):
+        table = engine_table()
+    root = Path(default_cache_dir()).expanduser()
+    if json:
+        print(jsonlib.dumps({"monai_trt": monai_trt.__version__, "cache": str(root), **table}, indent=1))
+        return
+    print(f"monai_trt {monai_trt.__version__}; torch {table['torch']}; "
+          f"{table['platform']['system']} {table['platform']['machine']}")
+    print(f"CUDA: {', '.join(table['gpus']) if table['gpus'] else 'no CUDA device (torch CUDA ' + str(table['cuda']) + ')'}")
+    print(f"cache: {root}")
+    rows = [(r["method"], r["engine"], r["device"], "yes" if r["available"] else "no",
+             ", ".join(f"{k} {v}" for k, v in r["versions"].items()) if r["available"] else r["reason"])
+            for r in table["engines"]]
+    print(_table(rows, ("METHOD", "ENGINE", "DEVICE", "AVAILABLE", "VERSIONS / WHY NOT")))
+    print("method auto picks: " + "; ".join(f"{d} -> {m}" for d, m in table["auto"].items()))
+
+
+def main() -> None:
+    """Console entry point: run a command; a monai_trt error prints one message and exits with status 1."""
+    import fire  # noqa: PLC0415
+
+    try:
+        fire.Fire({"build": build, "ls": ls, "verify": verify, "clean": clean, "info": info}, name="monai_trt")
+    except MonaiTrtError as err:
+        print(f"monai_trt: error: {err}", file=sys.stderr)
+        sys.exit(1)

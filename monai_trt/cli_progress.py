@@ -1,0 +1,194 @@
+"""Progress display for long CLI work: phase, elapsed time, and a bar when the engine reports a fraction.
+
+Build phases reach the display through :func:`report` (a context variable holds the active display, so library code
+can report without knowing whether a CLI is listening: with none, a report costs one lookup). Until the core calls
+:func:`report` itself, :class:`BuildLogEvents` derives the phases from the engine wrapper's log records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+from monai.utils import optional_import
+
+tqdm, _HAS_TQDM = optional_import("tqdm", name="tqdm")
+
+__all__ = ["Progress", "report", "BuildLogEvents", "cli_logging", "is_interactive"]
+
+_ACTIVE: contextvars.ContextVar[Progress | None] = contextvars.ContextVar("monai_trt_progress", default=None)
+_TICK_SECONDS = 0.5
+
+
+def is_interactive(stream: TextIO) -> bool:
+    """True when `stream` is a terminal (scripts and CI get no progress display by default)."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def report(label: str, phase: str, done: float | None = None, total: float | None = None) -> None:
+    """Tell the active display (if any) that `label` entered `phase`, optionally `done` of `total` units."""
+    progress = _ACTIVE.get()
+    if progress is not None:
+        progress.phase(label, phase, done, total)
+
+
+class Progress:
+    """One line per task (an engine being built): `label: phase [elapsed]`, or a tqdm bar once a fraction is known.
+
+    Args:
+        enabled: draw anything at all (False: every method is a no-op).
+        stream: where to draw (stderr, so stdout keeps only the command's results).
+    """
+
+    def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self._bars: dict[str, Any] = {}
+        self._started: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def __enter__(self) -> Progress:
+        self._token = _ACTIVE.set(self)
+        if self.enabled:
+            self._ticker = threading.Thread(target=self._tick, name="monai_trt-progress", daemon=True)
+            self._ticker.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _ACTIVE.reset(self._token)
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+        with self._lock:
+            for bar in self._bars.values():
+                bar.close()
+            self._bars.clear()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(_TICK_SECONDS):
+            with self._lock:
+                for bar in self._bars.values():
+                    bar.refresh()
+
+    def note(self, message: str) -> None:
+        """A line that stays (printed above any live bars)."""
+        if not self.enabled:
+            return
+        if _HAS_TQDM:
+            tqdm.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def phase(self, label: str, phase: str, done: float | None = None, total: float | None = None) -> None:
+        """Show `label` in `phase`; with `total`, as a bar at `done`/`total`."""
+        if not self.enabled:
+            return
+        with self._lock:
+            self._started.setdefault(label, time.time())
+            bar = self._bars.get(label)
+            wants_bar = total is not None
+            if bar is None or (wants_bar and bar.total is None) or (not wants_bar and bar.total is not None):
+                if bar is not None:
+                    bar.close()
+                bar = self._new_bar(label, total)
+                self._bars[label] = bar
+                if bar is None:
+                    print(f"{label}: {phase}...", file=self.stream, flush=True)
+                    return
+            if bar is None:
+                return
+            bar.set_description_str(f"{label}: {phase}", refresh=False)
+            if wants_bar and done is not None:
+                bar.n = done
+            bar.refresh()
+
+    def _new_bar(self, label: str, total: float | None) -> Any:
+        if not _HAS_TQDM:
+            return None
+        start = self._started[label]
+        bar_format = "{desc} {elapsed}" if total is None else "{desc} {bar} {percentage:3.0f}% {elapsed}<{remaining}"
+        bar = tqdm(total=total, file=self.stream, leave=False, bar_format=bar_format, dynamic_ncols=True)
+        bar.start_t = start  # tqdm's clock is time.time: the line shows time since the phase began
+        return bar
+
+    def finish(self, label: str, message: str) -> None:
+        """Close `label`'s line and print `label: message (elapsed)`."""
+        if not self.enabled:
+            return
+        with self._lock:
+            bar = self._bars.pop(label, None)
+            if bar is not None:
+                bar.close()
+            start = self._started.pop(label, None)
+        elapsed = f" [{time.time() - start:.1f} s]" if start is not None else ""
+        self.note(f"{label}: {message}{elapsed}")
+
+
+class BuildLogEvents(logging.Handler):
+    """Turns the engine wrapper's log records into progress phases (start of a build, engine ready, cache hit)."""
+
+    def __init__(self, progress: Progress) -> None:
+        super().__init__(logging.DEBUG)
+        self.progress = progress
+
+    def emit(self, record: logging.LogRecord) -> None:
+        template, args = str(record.msg), record.args if isinstance(record.args, tuple) else ()
+        if not args:
+            return
+        label = str(args[0])
+        if template.startswith("%s: building %s engine"):
+            self.progress.phase(label, f"export + {args[1]} engine build")
+        elif template.startswith("%s: engine ready in"):
+            self.progress.finish(label, "engine saved")
+        elif template.startswith("%s: using cached engine"):
+            self.progress.note(f"{label}: already in the cache")
+
+
+@contextlib.contextmanager
+def cli_logging(verbose: bool, progress: Progress | None = None) -> Iterator[None]:
+    """Logging for one CLI command; restores everything on exit.
+
+    monai_trt's log handlers (MONAI-style, on stdout) move to stderr so that stdout holds only results; the level is
+    WARNING (INFO with `verbose`), and exporter chatter (torch.onnx registration notes, deprecation warnings) is
+    hidden unless `verbose`. With a `progress` display, wrapper records also drive its phases.
+    """
+    package = logging.getLogger("monai_trt")
+    noisy = [logging.getLogger(name) for name in ("torch.onnx", "torch._dynamo", "torch.export")]
+    saved = [(h, h.stream, h.level) for h in package.handlers if isinstance(h, logging.StreamHandler)]
+    saved_levels = [(lg, lg.level) for lg in noisy]
+    events = BuildLogEvents(progress) if progress is not None and progress.enabled else None
+    for handler, stream, _ in saved:
+        if stream is sys.stdout or stream is sys.__stdout__:
+            handler.setStream(sys.stderr)
+        handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    if events is not None:
+        logging.getLogger("monai_trt.wrapper").addHandler(events)
+    if not verbose:
+        for lg in noisy:
+            lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            if not verbose:
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        if events is not None:
+            logging.getLogger("monai_trt.wrapper").removeHandler(events)
+        for handler, stream, level in saved:
+            handler.setStream(stream)
+            handler.setLevel(level)
+        for lg, level in saved_levels:
+            lg.setLevel(level)

@@ -1,0 +1,257 @@
+"""The engine wrapper with real onnxruntime / AOTInductor engines: lazy build, reuse, keys, I/O, fallback."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from monai.inferers import SlidingWindowInferer
+
+import monai_trt
+from monai_trt.errors import EngineBuildError
+from tests.nets import Composite, DataDependent, MultiIO, TinySeg
+
+ORT = {"method": "onnxruntime", "precision": "fp32"}
+
+
+def entries(cache_dir: str) -> list[str]:
+    root = Path(cache_dir) / "entries"
+    return sorted(os.listdir(root)) if root.exists() else []
+
+
+def run(net, *args, **kwargs):
+    with torch.no_grad():
+        return net(*args, **kwargs)
+
+
+def reference(net, *args, **kwargs):
+    plain = copy.deepcopy(net)
+    monai_trt.remove(plain)
+    return run(plain, *args, **kwargs)
+
+
+@pytest.fixture
+def x():
+    return torch.randn(2, 1, 12, 12, 12, generator=torch.Generator().manual_seed(0))
+
+
+def test_first_call_builds_and_matches_pytorch(cache_dir, x, trt_logs):
+    net = monai_trt.apply(TinySeg().eval(), [ORT])
+    out = run(net, x)
+    torch.testing.assert_close(out, reference(net, x), rtol=1e-4, atol=1e-5)
+    assert len(entries(cache_dir)) == 1
+    assert "building onnxruntime engine" in trt_logs.text()
+    assert monai_trt.wrappers(net)[""].builds == 1
+
+
+def test_outputs_are_fresh_tensors(x):
+    net = monai_trt.apply(TinySeg().eval(), [ORT])
+    first = run(net, x)
+    kept = first.clone()
+    second = run(net, x * 2)
+    assert torch.equal(first, kept)
+    assert first.data_ptr() != second.data_ptr()
+
+
+def test_second_run_reuses_engine(cache_dir, x, trt_logs):
+    net = TinySeg().eval()
+    run(monai_trt.apply(net, [ORT]), x)
+    again = monai_trt.apply(copy.deepcopy(net), [ORT])  # a fresh wrapper, as in a new process
+    run(again, x)
+    assert monai_trt.wrappers(again)[""].builds == 0
+    assert "using cached engine" in trt_logs.text()
+    assert len(entries(cache_dir)) == 1
+    usage = (Path(cache_dir) / "entries" / entries(cache_dir)[0] / "usage.json").read_text()
+    assert '"hits": 2' in usage
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"precision": "fp16"},
+        {"build_args": {"graph_optimization_level": "basic"}},
+        {"dynamic_batchsize": [1, 2, 4]},
+        {"export_args": {"opset_version": 17}},
+    ],
+)
+def test_changing_what_matters_gives_a_new_key(cache_dir, x, change):
+    net = TinySeg().eval()
+    run(monai_trt.apply(net, [ORT]), x)
+    run(monai_trt.apply(copy.deepcopy(net), [{**ORT, **change}]), x)
+    assert len(entries(cache_dir)) == 2
+
+
+def test_same_entry_elsewhere_or_other_tolerance_keeps_the_key(cache_dir, x):
+    net = TinySeg().eval()
+    run(monai_trt.apply(net, [ORT]), x)
+    run(monai_trt.apply(copy.deepcopy(net), [{**ORT, "tolerance": 0.5, "max_engines": 2}]), x)
+    assert len(entries(cache_dir)) == 1
+
+
+def test_changing_submodule_gives_a_new_key(cache_dir):
+    net = Composite().eval()
+    x = torch.randn(1, 1, 8, 8, 8)
+    run(monai_trt.apply(net, [{**ORT, "submodule": "encoder"}]), x)
+    run(monai_trt.apply(net, [{**ORT, "submodule": "decoder.head"}]), x)
+    assert len(entries(cache_dir)) == 2
+
+
+def test_new_weights_never_reuse_the_old_engine(cache_dir, x):
+    net = monai_trt.apply(TinySeg().eval(), [ORT])
+    run(net, x)
+    net.load_state_dict(TinySeg().state_dict())  # in place, as CheckpointLoader does
+    out = run(net, x)
+    torch.testing.assert_close(out, reference(net, x), rtol=1e-4, atol=1e-5)
+    assert len(entries(cache_dir)) == 2
+
+
+def test_changing_input_shape_builds_another_engine_up_to_max_engines(cache_dir, trt_logs):
+    net = monai_trt.apply(TinySeg().eval(), [{**ORT, "max_engines": 2}])
+    for size in (8, 10, 12):
+        x = torch.randn(1, 1, size, size, size)
+        torch.testing.assert_close(run(net, x), reference(net, x), rtol=1e-4, atol=1e-5)
+    assert len(entries(cache_dir)) == 2
+    assert "max_engines" in trt_logs.text()
+
+
+def test_dynamic_batch_serves_smaller_batches_and_refuses_outside_range(cache_dir, trt_logs):
+    net = monai_trt.apply(TinySeg().eval(), [{**ORT, "dynamic_batchsize": [1, 2, 3]}])
+    for batch in (3, 1, 2, 5):
+        x = torch.randn(batch, 1, 8, 8, 8)
+        torch.testing.assert_close(run(net, x), reference(net, x), rtol=1e-4, atol=1e-5)
+    assert len(entries(cache_dir)) == 1
+    assert "batch size 5 is outside dynamic_batchsize [1, 2, 3]" in trt_logs.text()
+
+
+def test_input_profiles_pick_the_matching_range(cache_dir):
+    profiles = [{"x": [[1, 1, 8, 8, 8], [1, 1, 8, 8, 8], [2, 1, 8, 8, 8]]},
+                {"x": [[1, 1, 16, 16, 16], [2, 1, 16, 16, 16], [4, 1, 16, 16, 16]]}]
+    net = monai_trt.apply(TinySeg().eval(), [{**ORT, "input_profiles": profiles}])
+    for shape in ((2, 1, 8, 8, 8), (3, 1, 16, 16, 16), (1, 1, 16, 16, 16)):
+        x = torch.randn(*shape)
+        torch.testing.assert_close(run(net, x), reference(net, x), rtol=1e-4, atol=1e-5)
+    assert len(entries(cache_dir)) == 2
+
+
+def test_sliding_window_with_a_smaller_last_batch():
+    net = monai_trt.apply(TinySeg().eval(), [{**ORT, "dynamic_batchsize": [1, 4, 4]}])
+    batches = []
+    net.register_forward_pre_hook(lambda _, args: batches.append(args[0].shape[0]))
+    inferer = SlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=4, overlap=0.25)
+    volume = torch.randn(1, 1, 20, 14, 8)  # 3 x 2 x 1 = 6 windows: batches of 4 and 2
+    with torch.no_grad():
+        out = inferer(volume, net)
+    assert batches[-1] < 4 and set(batches[:-1]) == {4}
+    with torch.no_grad():
+        ref = inferer(volume, monai_trt.remove(copy.deepcopy(net)))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert monai_trt.wrappers(net)[""].builds == 1
+
+
+@pytest.mark.parametrize("method", ["onnxruntime", "aoti"])
+def test_multi_input_multi_dtype_kwargs_and_structured_outputs(method):
+    net = monai_trt.apply(MultiIO().eval(), [{"method": method, "precision": "fp32"}])
+    image, labels = torch.randn(2, 2, 6, 6), torch.tensor([1, 7])
+    scale = torch.tensor(0.5)
+    out, extra = run(net, image, labels, scale=scale, mode="diff")
+    ref_out, ref_extra = reference(net, image, labels, scale=scale, mode="diff")
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    assert set(extra) == {"pooled", "argmax"}
+    assert extra["argmax"].dtype == torch.int64
+    torch.testing.assert_close(extra["pooled"], ref_extra["pooled"], rtol=1e-4, atol=1e-5)
+    assert torch.equal(extra["argmax"], ref_extra["argmax"])
+    wrapper = monai_trt.wrappers(net)[""]
+    # a different constant (mode) or a None keyword is another call layout → another engine, still correct
+    out2, _ = run(net, image, labels, mode="sum")
+    torch.testing.assert_close(out2, reference(net, image, labels, mode="sum")[0], rtol=1e-4, atol=1e-5)
+    assert wrapper.builds == 2
+
+
+def test_float64_input_is_refused_like_pytorch_then_cast_once_an_engine_exists():
+    net = monai_trt.apply(TinySeg().eval(), [ORT])
+    x64 = torch.randn(1, 1, 8, 8, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="should be the same"):
+        run(net, x64)  # no engine yet: PyTorch's own error, unchanged
+    wrapper = monai_trt.wrappers(net)[""]
+    assert not wrapper.disabled
+    run(net, x64.float())
+    out = run(net, x64)
+    assert out.dtype == torch.float32 and wrapper.builds == 1
+    torch.testing.assert_close(out, reference(net, x64.float()), rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_returns_the_dtype_pytorch_would(x):
+    net = monai_trt.apply(TinySeg().eval(), [{**ORT, "precision": "fp16"}])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(net, x)
+        ref = reference(net, x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    with torch.inference_mode():
+        assert net(x).dtype == torch.float32
+
+
+def test_training_mode_runs_pytorch(cache_dir, x):
+    net = monai_trt.apply(TinySeg().train(), [ORT])
+    out = net(x)
+    assert out.requires_grad
+    assert entries(cache_dir) == []
+
+
+def test_unexportable_submodule_falls_back_once_with_a_warning(trt_logs):
+    net = monai_trt.apply(DataDependent().eval(), [ORT])
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(run(net, x), reference(net, x))
+    torch.testing.assert_close(run(net, -x), reference(net, -x))
+    warnings = [r.getMessage() for r in trt_logs.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "'<network>' (onnxruntime, fp32)" in warnings[0] and "falling back to PyTorch" in warnings[0]
+    assert monai_trt.wrappers(net)[""].disabled
+
+
+def test_fallback_false_raises_the_build_error():
+    net = monai_trt.apply(DataDependent().eval(), [{**ORT, "fallback": False}])
+    with pytest.raises(EngineBuildError, match="building with method 'onnxruntime' failed"):
+        run(net, torch.randn(3, 4))
+
+
+def test_an_engine_that_disagrees_with_pytorch_is_never_used(monkeypatch, x, trt_logs):
+    from monai_trt.backends.onnxruntime import OnnxRuntimeBackend
+
+    real_load = OnnxRuntimeBackend.load
+
+    def wrong_load(self, entry_dir, meta, device):
+        engine = real_load(self, entry_dir, meta, device)
+        return lambda inputs: [o * 1.5 for o in engine(inputs)]
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "load", wrong_load)
+    net = monai_trt.apply(TinySeg().eval(), [ORT])
+    torch.testing.assert_close(run(net, x), reference(net, x))
+    assert "disagrees with PyTorch" in trt_logs.text()
+
+
+def test_corrupt_entry_is_moved_aside_and_rebuilt(cache_dir, x, trt_logs):
+    net = TinySeg().eval()
+    run(monai_trt.apply(net, [ORT]), x)
+    (key,) = entries(cache_dir)
+    onnx_file = Path(cache_dir) / "entries" / key / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:100])  # truncated
+    again = monai_trt.apply(copy.deepcopy(net), [ORT])
+    torch.testing.assert_close(run(again, x), reference(net, x), rtol=1e-4, atol=1e-5)
+    assert monai_trt.wrappers(again)[""].builds == 1
+    assert "does not match its sha256" in trt_logs.text()
+    assert len(os.listdir(Path(cache_dir) / "quarantine")) == 1
+
+
+@pytest.mark.parametrize("damage", ["delete", "garble"])
+def test_missing_or_garbled_meta_is_rebuilt(cache_dir, x, damage, trt_logs):
+    net = TinySeg().eval()
+    run(monai_trt.apply(net, [ORT]), x)
+    meta = Path(cache_dir) / "entries" / entries(cache_dir)[0] / "meta.json"
+    meta.unlink() if damage == "delete" else meta.write_text("{not json")
+    again = monai_trt.apply(copy.deepcopy(net), [ORT])
+    torch.testing.assert_close(run(again, x), reference(net, x), rtol=1e-4, atol=1e-5)
+    assert monai_trt.wrappers(again)[""].builds == 1
+    assert "meta.json is" in trt_logs.text()
