@@ -185,10 +185,12 @@ class EngineWrapper:
         backend, build_args = self._backend(device)
         if not backend.multi_profile:
             profiles = profiles[:1]  # one engine per profile; the matching one comes first
+        start = time.perf_counter()
         if self._weights is None:
             self._weights = WeightsHasher(self.module)
             self._architecture = architecture_fingerprint(self.module)
         weights = self._weights.digest() if self.entry.refit == "none" else None
+        logger.debug("%s: key inputs hashed in %.3f s", self.entry.describe(), time.perf_counter() - start)
         export_args = {**DEFAULT_EXPORT_ARGS, **self.entry.export_args}
         key_inputs = {
             "submodule": self.entry.submodule,
@@ -207,16 +209,23 @@ class EngineWrapper:
         }
         key = engine_key(key_inputs)
         cache = open_cache(self.path)
+        clock = _Clock()
         entry = cache.lookup(key)
+        clock.lap("verify")
         reference = None
         if entry is None:
             reference = self._reference(args, kwargs)
             entry = self._build(cache, key, key_inputs, call, profiles, backend, build_args, export_args, reference)
-        else:
-            logger.info("%s: using cached engine %s", self.entry.describe(), entry.path)
+            clock.lap("build")
         loaded = self._load(cache, entry, backend, device, weights)
+        clock.lap("load")
         cache.record_use(entry)
         self._check(loaded, call, args, kwargs, autocast, reference)
+        clock.lap("validate")
+        if reference is None:
+            logger.info("%s: using cached engine %s (%s)", self.entry.describe(), entry.path, clock)
+        else:
+            logger.info("%s: first call took %s", self.entry.describe(), clock)
         return loaded
 
     def _reference(self, args: Any, kwargs: Any) -> tuple[list[torch.Tensor], Any]:
@@ -314,6 +323,22 @@ class EngineWrapper:
 
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError("monai_trt wrappers are not picklable; save the state_dict, or monai_trt.remove() first")
+
+
+class _Clock:
+    """Named laps for the log line that says where first-call time went."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self._laps: list[str] = []
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self._laps.append(f"{name} {now - self._last:.2f} s")
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(self._laps)
 
 
 class _CallerError(Exception):
