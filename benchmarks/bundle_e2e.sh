@@ -14,6 +14,6 @@ for run in on_cold on_cache off; do
   python3 -m monai.bundle run --config_file "$cfg" "${common[@]}" --output_dir "$out/$run" --trt $flag > "$out/$run.log" 2>&1
   end=$(date +%s.%N)
   dice=$(grep -o "val_mean_dice: [0-9.]*" "$out/$run.log" | tail -1)
-  printf '%-9s wall %6.1f s  %s\n' "$run" "$(echo "$end - $start" | bc)" "$dice" | tee -a "$out/summary.txt"
+  printf '%-9s wall %6.1f s  %s\n' "$run" "$(python3 -c "print($end - $start)")" "$dice" | tee -a "$out/summary.txt"
 done
 grep -h "monai_trt" "$out"/on_*.log | grep -E "ready|cached|first call|auto chose" | tee -a "$out/summary.txt"
