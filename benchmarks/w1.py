@@ -136,7 +136,7 @@ def main() -> None:
             torch.cuda.synchronize()
             row["first_volume_s_incl_build"] = time.perf_counter() - start
             wrapper = monai_trt.wrappers(model)[""]
-            (loaded,) = [e for v in wrapper._engines.values() for e in v]
+            (loaded,) = [e for v in wrapper.engines.values() for e in v]
             row["build_s"] = loaded.entry.meta.get("build_seconds")
             row["engine_bytes"] = sum(os.path.getsize(loaded.entry.path / n) for n in loaded.entry.meta["artifacts"])
             median, times, out = timed(lambda: infer(model, vol), args.reps, args.warmup)

@@ -33,7 +33,7 @@ from filelock import FileLock, Timeout
 from monai_trt.errors import CacheError
 from monai_trt.keys import SCHEMA_VERSION
 
-__all__ = ["CacheEntry", "EngineCache", "write_atomic"]
+__all__ = ["CacheEntry", "EngineCache", "write_atomic", "pid_alive"]
 
 logger = logging.getLogger(__name__)
 META = "meta.json"
@@ -80,7 +80,7 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -241,7 +241,7 @@ class EngineCache:
                 pid = int(stale.name.split(".")[1])
             except (IndexError, ValueError):
                 continue
-            if not _pid_alive(pid) or pid == os.getpid():
+            if not pid_alive(pid) or pid == os.getpid():
                 logger.info("removing leftover build %s of a process that is gone", stale)
                 shutil.rmtree(stale, ignore_errors=True)
 

@@ -17,6 +17,7 @@ terminal only; `--quiet` hides it there too. A failed build or verification exit
 from __future__ import annotations
 
 import json as jsonlib
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -86,7 +87,7 @@ def build(
         net_id: config id of the network the evaluator runs.
         patch_id: config id of the monai_trt patch.
         ckpt: checkpoint to load (default: the CheckpointLoader's load_path, else models/model.pt).
-        batch: batch size (or list of sizes) for entries without dynamic_batchsize.
+        batch: batch size (or list of sizes) to call the network with; must lie in every dynamic_batchsize range.
         spatial_shape: override of network_data_format spatial_shape, e.g. "[96,96,96]".
         json: print the result as JSON.
         quiet: no progress display (default: shown only on a terminal).
@@ -105,14 +106,15 @@ def build(
     if json:
         print(jsonlib.dumps({
             "bundle": bundle.name, "failures": failures, "seconds": round(time.perf_counter() - start, 3),
-            "engines": [{"label": e.label, "key": e.key, "path": str(e.path), "built": e.built,
-                         "method": e.meta.get("method"), "precision": e.meta.get("precision"),
+            "engines": [{"label": e.label, "submodule": e.meta.get("submodule"), "key": e.key, "path": str(e.path),
+                         "built": e.built, "method": e.meta.get("method"), "precision": e.meta.get("precision"),
                          "build_seconds": e.meta.get("build_seconds")} for e in engines],
         }, indent=1))
     else:
-        rows = [("built" if e.built else "cached", e.key[:12], e.label, _shapes(e.meta),
+        rows = [("built" if e.built else "cached", e.key[:12], e.meta.get("submodule") or "<network>",
+                 e.meta.get("method"), e.meta.get("precision"), _shapes(e.meta),
                  f"{e.meta.get('build_seconds', 0):.1f} s" if e.built else "-") for e in engines]
-        print(_table(rows, ("STATE", "KEY", "ENGINE", "INPUTS", "BUILD")))
+        print(_table(rows, ("STATE", "KEY", "SUBMODULE", "METHOD", "PREC", "INPUTS", "BUILD")))
         roots = sorted({str(e.path.parent.parent) for e in engines})
         print(f"{len(engines)} engine(s) ready ({sum(e.built for e in engines)} built) in {', '.join(roots) or '-'}; "
               f"{time.perf_counter() - start:.1f} s")
@@ -199,14 +201,15 @@ def verify(
               f"{others} entr{'y' if others == 1 else 'ies'} of other networks not checked")
     if failed:
         raise CliError(f"{len(failed)} engine(s) disagree with PyTorch")
-    if not verdicts:
-        raise CliError(f"no cache entry of {bundle.name}'s network in {', '.join(roots)}: run `build` first")
+    if not any(v.outcome == "pass" for v in verdicts):
+        raise CliError(f"nothing was verified: no entry in {', '.join(roots)} was built for this network with these "
+                       "weights and loads here (run `build` first)")
 
 
 def clean(
     cache_dir: str | None = None, max_size: Any = None, all: bool = False, yes: bool = False, json: bool = False
 ) -> None:
-    """Remove cache entries: invalid here (corrupt, other versions/GPU/platform, method unavailable), plus
+    """Remove cache entries: invalid here (tampered or not ours, other versions/GPU/platform, method unavailable), plus
     quarantined entries and dead builds; with --max_size also least-recently-used ones down to that size; with
     --all everything. Prints what would go; deletes only with --yes.
 
@@ -226,9 +229,9 @@ def clean(
         return
     verb = "removed" if yes else "would remove"
     for item in items:
-        state = verb if item["removed"] else f"kept ({item['skipped']})"
+        state = f"kept ({item['skipped']})" if item["skipped"] else verb
         print(f"{state}  {item['key'][:12]}  {format_size(item['size'])}  {item['why']}")
-    gone = [item for item in items if item["removed"]]
+    gone = [item for item in items if not item["skipped"]]
     print(f"{verb} {len(gone)} item(s), {format_size(sum(i['size'] for i in gone))}; {kept} "
           f"entr{'y' if kept == 1 else 'ies'} kept in {root}" + (" (dry run: add --yes to delete)" if gone and not yes
                                                                else ""))
@@ -248,21 +251,30 @@ def info(json: bool = False) -> None:
         return
     print(f"monai_trt {monai_trt.__version__}; torch {table['torch']}; "
           f"{table['platform']['system']} {table['platform']['machine']}")
-    print(f"CUDA: {', '.join(table['gpus']) if table['gpus'] else 'no CUDA device (torch CUDA ' + str(table['cuda']) + ')'}")
+    no_cuda = (f"no CUDA device (torch {table['torch']} is built without CUDA)" if table["cuda"] is None
+               else f"no CUDA device visible (torch built for CUDA {table['cuda']})")
+    print(f"CUDA: {', '.join(table['gpus']) or no_cuda}")
     print(f"cache: {root}")
     rows = [(r["method"], r["engine"], r["device"], "yes" if r["available"] else "no",
              ", ".join(f"{k} {v}" for k, v in r["versions"].items()) if r["available"] else r["reason"])
             for r in table["engines"]]
     print(_table(rows, ("METHOD", "ENGINE", "DEVICE", "AVAILABLE", "VERSIONS / WHY NOT")))
-    print("method auto picks: " + "; ".join(f"{d} -> {m}" for d, m in table["auto"].items()))
+    print("method auto picks: " + "; ".join(f"{d} -> {m or 'nothing'}" for d, m in table["auto"].items()))
 
 
 def main() -> None:
     """Console entry point: run a command; a monai_trt error prints one message and exits with status 1."""
     import fire  # noqa: PLC0415
 
+    argv = sys.argv[1:]
+    if "--" not in argv and any(a in ("--help", "-h") for a in argv[1:]):
+        argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]  # else **override takes `help`
     try:
-        fire.Fire({"build": build, "ls": ls, "verify": verify, "clean": clean, "info": info}, name="monai_trt")
+        fire.Fire({"build": build, "ls": ls, "verify": verify, "clean": clean, "info": info}, command=argv,
+                  name="monai_trt")
     except MonaiTrtError as err:
         print(f"monai_trt: error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except BrokenPipeError:  # `monai_trt ls --json | head`: the reader left; not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

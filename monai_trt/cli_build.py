@@ -20,11 +20,10 @@ from torch import nn
 
 from monai_trt.backends import BACKENDS
 from monai_trt.calls import capture_call, engine_float_dtype, flatten_outputs, forward_signature
-from monai_trt.cli_bundle import (
-    Bundle, CliError, dtype_of, module_device, network_input, random_tensor, sw_batch_size,
-)
+from monai_trt.cli_bundle import Bundle, CliError, dtype_of, network_input, random_tensor, sw_batch_size
 from monai_trt.cli_cache import EntryInfo, entry_device, scan
 from monai_trt.errors import MonaiTrtError
+from monai_trt.hook import module_device
 from monai_trt.hook import apply, wrappers
 from monai_trt.keys import WeightsHasher, architecture_fingerprint
 from monai_trt.spec import PatchEntry, parse_switch
@@ -164,7 +163,7 @@ def build_engines(
                            "network_data_format (or --spatial_shape / --batch) against what the network takes") from err
     engines, failures = [], []
     for wrapper in wrappers(bundle.network).values():
-        loaded = [e for group in getattr(wrapper, "_engines", {}).values() for e in group]
+        loaded = [e for group in wrapper.engines.values() for e in group]
         label = wrapper.entry.describe()
         if wrapper.disabled:
             failures.append(f"{label}: {wrapper.disabled}")
@@ -233,7 +232,6 @@ def _check(info: EntryInfo, module: nn.Module, tolerance: float | None, generato
             shape_sets.append(shapes)
     engine = backend.load(info.path, meta, device)
     verdict = Verdict(info, "pass")
-    limit = tolerance if tolerance is not None else None
     for shapes in shape_sets:
         tensors = {}
         for name, dtype, shape in zip(io["names"], io["dtypes"], shapes):
@@ -252,9 +250,9 @@ def _check(info: EntryInfo, module: nn.Module, tolerance: float | None, generato
             reference, _ = flatten_outputs(forward(**{k: v.to(target) if isinstance(v, torch.Tensor) else v
                                                       for k, v in kwargs.items()}))
         verdict.errors.append((shapes, _error_measure(outputs, reference)))
-        problem = compare_outputs(outputs, reference, precision, limit)
-        if problem:
-            verdict.outcome, verdict.detail = "fail", problem
+        problem = compare_outputs(outputs, reference, precision, tolerance)
+        if problem and verdict.outcome == "pass":
+            verdict.outcome, verdict.detail = "fail", f"{problem} at {shapes}"
     return verdict
 
 

@@ -6,6 +6,7 @@ beside the first one, `bundle_root` and any other id overridable), so the networ
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import sys
@@ -20,14 +21,13 @@ from torch import nn
 from monai_trt.errors import MonaiTrtError
 from monai_trt.spec import PatchEntry, parse_patch
 
-__all__ = ["Bundle", "CliError", "load_bundle", "network_input", "DEFAULT_CONFIGS"]
+__all__ = [
+    "Bundle", "CliError", "load_bundle", "network_input", "sw_batch_size", "random_tensor", "dtype_of", "DEFAULT_CONFIGS",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIGS = ("configs/inference.json", "configs/inference_trt.json")
-_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-           "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
-           "uint8": torch.uint8, "bool": torch.bool}
 
 
 class CliError(MonaiTrtError):
@@ -68,14 +68,19 @@ def _config_files(config_file: Any, root: Path) -> list[Path]:
             raise CliError(f"no {DEFAULT_CONFIGS[0]} under bundle_root {root}; pass --bundle_root <dir> or "
                            "--config_file \"['configs/inference.json','configs/inference_trt.json']\"")
         return files
+    if isinstance(config_file, str) and config_file.strip().startswith("["):
+        try:
+            config_file = ast.literal_eval(config_file.strip())  # "['a.json','b.json']" as fire would parse it
+        except (ValueError, SyntaxError) as err:
+            raise CliError(f"--config_file {config_file!r} is not a list of file names: {err}") from err
     names = [config_file] if isinstance(config_file, (str, os.PathLike)) else list(config_file)
     if len(names) == 1 and isinstance(names[0], str) and "," in names[0] and not Path(names[0]).is_file():
         names = names[0].split(",")
     files = []
     for name in names:
         path = Path(str(name).strip())
-        if not path.is_file() and not path.is_absolute() and (root / path).is_file():
-            path = root / path  # relative to the bundle when not relative to the working directory
+        if not path.is_absolute() and (root / path).is_file():
+            path = root / path  # relative to bundle_root first, then (as monai.bundle run) to the working directory
         if not path.is_file():
             raise CliError(f"config file {name} not found (looked in {Path.cwd()} and {root})")
         files.append(path)
@@ -132,12 +137,12 @@ def _load_weights(parser: Any, network: nn.Module, root: Path, net_id: str, ckpt
         raise CliError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
     if not isinstance(checkpoint, Mapping):
         raise CliError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state_dict")
-    state = checkpoint[key] if key in checkpoint else checkpoint  # as CheckpointLoader does
+    state = checkpoint.get(key, checkpoint)  # as CheckpointLoader does: {key: state_dict} or a bare state_dict
     try:
         network.load_state_dict(state, strict=strict)
     except (RuntimeError, KeyError, TypeError) as err:
         raise CliError(f"checkpoint {path} does not fit the network @{net_id}: {err}") from err
-    return path
+    return path.absolute()
 
 
 def load_bundle(
@@ -191,9 +196,10 @@ def load_bundle(
 
 
 def _ints(value: Any) -> list[int] | None:
-    if isinstance(value, Sequence) and not isinstance(value, str) and value:
-        if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-            return [int(v) for v in value]
+    if isinstance(value, Sequence) and not isinstance(value, str) and value and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+    ):
+        return [int(v) for v in value]
     return None
 
 
@@ -230,10 +236,8 @@ def network_input(bundle: Bundle, spatial_shape: Any = None) -> tuple[str, list[
             "shape the run feeds the network (the sliding-window roi_size, e.g. [96, 96, 96]) or pass "
             '--spatial_shape "[96,96,96]"'
         )
-    dtype_name = str(spec.get("dtype", "float32")).removeprefix("torch.")
-    if dtype_name not in _DTYPES:
-        raise CliError(f"{where}: {field_path}.dtype {dtype_name!r} is not one of {sorted(_DTYPES)}")
-    return str(name), [channels, *shape], _DTYPES[dtype_name]
+    dtype = dtype_of(str(spec.get("dtype", "float32")), f"{where}: {field_path}.dtype")
+    return str(name), [channels, *shape], dtype
 
 
 def sw_batch_size(bundle: Bundle) -> int | None:
@@ -252,14 +256,13 @@ def random_tensor(shape: Sequence[int], dtype: torch.dtype, device: torch.device
     return values.to(device=device, dtype=dtype)
 
 
-def dtype_of(name: str) -> torch.dtype:
-    """torch dtype for a recorded dtype name ("float16")."""
-    if name not in _DTYPES:
-        raise CliError(f"unsupported input dtype {name!r}")
-    return _DTYPES[name]
+def dtype_of(name: str, what: str = "input dtype") -> torch.dtype:
+    """torch dtype for a dtype name as metadata and cache entries write it ("float32", "torch.int64").
 
-
-def module_device(module: nn.Module) -> torch.device:
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    Raises:
+        CliError: `name` is not a torch dtype.
+    """
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CliError(f"{what} {name!r} is not a torch dtype (e.g. float32, float16, int64)")
+    return dtype

@@ -20,12 +20,12 @@ import torch
 from filelock import Timeout
 
 from monai_trt.backends import BACKENDS, resolve_method
-from monai_trt.cache import USAGE, EngineCache
+from monai_trt.cache import USAGE, EngineCache, pid_alive
 from monai_trt.errors import CacheError, MonaiTrtError
-from monai_trt.keys import platform_info
+from monai_trt.keys import device_info, platform_info
 
 __all__ = [
-    "EntryInfo", "scan", "here_status", "entry_device", "select_for_clean", "delete", "leftovers", "clean_cache",
+    "EntryInfo", "scan", "here_status", "ask_backend", "entry_device", "select_for_clean", "delete", "leftovers", "clean_cache",
     "engine_table", "parse_size",
     "format_size", "METHOD_TITLES",
 ]
@@ -48,7 +48,8 @@ class EntryInfo:
 
     Attributes:
         status: "ok" (loadable on this machine), "stale" (other versions / GPU / platform), "unavailable"
-            (its method cannot run here) or "corrupt" (fails the cache's integrity check).
+            (its method cannot run here) or "refused" (fails the cache's integrity, ownership or permission check,
+            so the runtime would not load it either).
         reason: why the status is not "ok" ("" when it is).
     """
 
@@ -125,7 +126,7 @@ def scan(root: str | os.PathLike) -> list[EntryInfo]:
     entries_dir = Path(root).expanduser() / "entries"
     if not entries_dir.is_dir():
         return []
-    cache = EngineCache(Path(root).expanduser().absolute())
+    cache = _inspector(Path(root).expanduser().absolute())
     infos = []
     for path in cache.entries():
         usage = _read_json(path / USAGE)
@@ -135,15 +136,23 @@ def scan(root: str | os.PathLike) -> list[EntryInfo]:
         info.last_used = usage.get("last_used") if isinstance(usage.get("last_used"), (int, float)) else None
         try:
             info.meta = cache.verify(path.name, path).meta
-        except CacheError as err:
+            info.status, info.reason = here_status(info.meta)
+        except CacheError as err:  # what the runtime would refuse to load: tampered, incomplete, not ours
             meta = _read_json(path / "meta.json")
             info.meta = meta if isinstance(meta, dict) else {}
-            info.status, info.reason = "corrupt", str(err)
-            infos.append(info)
-            continue
-        info.status, info.reason = here_status(info.meta)
+            info.status, info.reason = "refused", str(err)
         infos.append(info)
     return infos
+
+
+def _inspector(root: Path) -> EngineCache:
+    """An EngineCache for reading: a read-only cache (e.g. baked into an image) cannot get its side directories."""
+    try:
+        return EngineCache(root)
+    except OSError:
+        cache = EngineCache.__new__(EngineCache)  # verify() and entries() only need `root`
+        cache.root = root
+        return cache
 
 
 def _cuda_capabilities() -> dict[str, int]:
@@ -151,8 +160,7 @@ def _cuda_capabilities() -> dict[str, int]:
     found: dict[str, int] = {}
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
-            major, minor = torch.cuda.get_device_capability(index)
-            found.setdefault(f"{major}.{minor}", index)
+            found.setdefault(device_info(torch.device("cuda", index))["capability"], index)
     return found
 
 
@@ -173,6 +181,16 @@ def entry_device(meta: Mapping[str, Any]) -> tuple[torch.device | None, str]:
     return None, f"built for device type {kind!r}, which is not supported here"
 
 
+def ask_backend(backend_cls: type, device: torch.device) -> tuple[str | None, dict[str, str]]:
+    """(why the backend cannot run on `device` or None, its versions here): a half-installed package is a reason."""
+    try:
+        backend = backend_cls()
+        reason = backend.unavailable_reason(device)
+        return (reason, {}) if reason else (None, dict(backend.versions()))
+    except Exception as err:  # noqa: BLE001 - a broken optional package must not break listing
+        return f"cannot query {getattr(backend_cls, 'name', backend_cls.__name__)}: {type(err).__name__}: {err}", {}
+
+
 def here_status(meta: Mapping[str, Any]) -> tuple[str, str]:
     """("ok", "") when an entry can be loaded on this machine, else (status, reason).
 
@@ -187,15 +205,10 @@ def here_status(meta: Mapping[str, Any]) -> tuple[str, str]:
     device, why = entry_device(meta)
     if device is None:
         return "stale", why
-    backend = backend_cls()
-    reason = backend.unavailable_reason(device)
+    reason, current = ask_backend(backend_cls, device)
     if reason:
         return "unavailable", reason
     recorded = inputs.get("versions") or {}
-    try:
-        current = backend.versions()
-    except Exception as err:  # noqa: BLE001 - a half-installed package must not break listing
-        return "unavailable", f"cannot read {method} versions here: {err}"
     diffs = [f"{name} {recorded.get(name, 'none')} in entry, {current.get(name, 'none')} here"
              for name in sorted(set(recorded) | set(current)) if recorded.get(name) != current.get(name)]
     recorded_platform = inputs.get("platform") or {}
@@ -212,7 +225,7 @@ def leftovers(root: str | os.PathLike) -> list[tuple[Path, str]]:
     found = [(p, "quarantined entry") for p in sorted((base / "quarantine").glob("*")) if p.is_dir()]
     for path in sorted((base / "tmp").glob("*")):
         parts = path.name.split(".")
-        if path.is_dir() and len(parts) >= 2 and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+        if path.is_dir() and len(parts) >= 2 and parts[1].isdigit() and not pid_alive(int(parts[1])):
             found.append((path, "unfinished build of a process that is gone"))
     return found
 
@@ -223,33 +236,23 @@ def clean_cache(
     """Select (and with `yes` delete) what `clean` removes: see :func:`select_for_clean` and :func:`leftovers`.
 
     Returns:
-        (one dict per item: key, path, size, why, removed (deleted, or would be in a dry run), skipped (why not)),
-        number of entries that stay).
+        (one dict per item: key, path, size, why, kind ("entry" or "leftover"), deleted (False in a dry run),
+        skipped (why it could not be deleted, else "")), number of entries that stay (would stay in a dry run)).
     """
     entries = scan(root)
     items: list[dict[str, Any]] = []
     for entry, why in select_for_clean(entries, everything=everything, max_size=max_size):
         problem = delete(root, entry) if yes else ""
-        items.append({"key": entry.key, "path": str(entry.path), "size": entry.size, "why": why, "entry": True,
-                      "removed": not problem, "skipped": problem})
+        items.append({"key": entry.key, "path": str(entry.path), "size": entry.size, "why": why, "kind": "entry",
+                      "deleted": yes and not problem, "skipped": problem})
     for path, why in leftovers(root) if Path(root).expanduser().is_dir() else []:
         size = _dir_size(path)
         if yes:
             shutil.rmtree(path, ignore_errors=True)
-        items.append({"key": path.name, "path": str(path), "size": size, "why": why, "entry": False,
-                      "removed": True, "skipped": ""})
-    kept = len(entries) - sum(1 for item in items if item["entry"] and item["removed"])
+        items.append({"key": path.name, "path": str(path), "size": size, "why": why, "kind": "leftover",
+                      "deleted": yes, "skipped": ""})
+    kept = len(entries) - sum(1 for item in items if item["kind"] == "entry" and not item["skipped"])
     return items, kept
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def select_for_clean(
@@ -325,26 +328,19 @@ def engine_table() -> dict[str, Any]:
     rows = []
     for device in devices:
         for name, cls in BACKENDS.items():
-            backend = cls()
-            reason = backend.unavailable_reason(device)
+            reason, versions = ask_backend(cls, device)
             if reason is None and device.type == "cuda" and not cuda:
-                reason = "no CUDA device here"
-            versions: dict[str, str] = {}
-            if reason is None:
-                try:
-                    versions = backend.versions()
-                except Exception as err:  # noqa: BLE001 - report, don't crash
-                    reason = f"cannot read versions: {err}"
+                reason, versions = "no CUDA device here", {}
             rows.append({"method": name, "engine": METHOD_TITLES.get(name, name), "device": str(device),
                          "available": reason is None, "reason": reason or "", "versions": versions,
                          "precisions": list(cls.precisions)})
-    auto = {}
+    auto: dict[str, str | None] = {}
     for device in devices:
         try:
             backend, _ = resolve_method("auto", device, "fp32")
             auto[str(device)] = backend.name
-        except MonaiTrtError as err:
-            auto[str(device)] = f"none ({err})"
+        except MonaiTrtError:
+            auto[str(device)] = None
     gpus = [f"cuda:{i} {torch.cuda.get_device_name(i)} (sm {cap})" for cap, i in sorted(cuda.items())]
     return {
         "torch": torch.__version__, "cuda": torch.version.cuda, "gpus": gpus, "platform": platform_info(),

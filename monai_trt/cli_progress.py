@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import shutil
 import sys
 import threading
 import time
@@ -66,7 +67,7 @@ class Progress:
             self._ticker.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         _ACTIVE.reset(self._token)
         self._stop.set()
         if self._ticker is not None:
@@ -92,35 +93,32 @@ class Progress:
             print(message, file=self.stream, flush=True)
 
     def phase(self, label: str, phase: str, done: float | None = None, total: float | None = None) -> None:
-        """Show `label` in `phase`; with `total`, as a bar at `done`/`total`."""
+        """Show `label` in `phase` with the time since its task began; with `total`, as a bar at `done`/`total`."""
         if not self.enabled:
             return
+        desc = f"{label}: {phase}"
         with self._lock:
-            self._started.setdefault(label, time.time())
-            bar = self._bars.get(label)
-            wants_bar = total is not None
-            if bar is None or (wants_bar and bar.total is None) or (not wants_bar and bar.total is not None):
-                if bar is not None:
-                    bar.close()
-                bar = self._new_bar(label, total)
-                self._bars[label] = bar
-                if bar is None:
-                    print(f"{label}: {phase}...", file=self.stream, flush=True)
-                    return
-            if bar is None:
+            start = self._started.setdefault(label, time.time())
+            if not _HAS_TQDM:
+                print(f"{desc}...", file=self.stream, flush=True)
                 return
-            bar.set_description_str(f"{label}: {phase}", refresh=False)
-            if wants_bar and done is not None:
+            bar = self._bars.get(label)
+            if bar is not None and (bar.total is None) != (total is None):
+                bar.close()
+                bar = None
+            if bar is None:
+                bar = self._bars[label] = self._new_bar(desc, start, total)
+            bar.set_description_str(desc, refresh=False)
+            if total is not None and done is not None:
                 bar.n = done
             bar.refresh()
 
-    def _new_bar(self, label: str, total: float | None) -> Any:
-        if not _HAS_TQDM:
-            return None
-        start = self._started[label]
+    def _new_bar(self, desc: str, start: float, total: float | None) -> Any:
         bar_format = "{desc} {elapsed}" if total is None else "{desc} {bar} {percentage:3.0f}% {elapsed}<{remaining}"
-        bar = tqdm(total=total, file=self.stream, leave=False, bar_format=bar_format, dynamic_ncols=True)
-        bar.start_t = start  # tqdm's clock is time.time: the line shows time since the phase began
+        size = shutil.get_terminal_size(fallback=(100, 24))  # a pseudo-terminal may report 0 x 0: tqdm draws nothing
+        bar = tqdm(desc=desc, total=total, file=self.stream, leave=False, bar_format=bar_format,
+                   ncols=size.columns or 100, nrows=max(size.lines, 24))
+        bar.start_t = start  # tqdm's clock is time.time: elapsed counts from the start of the task
         return bar
 
     def finish(self, label: str, message: str) -> None:
@@ -166,11 +164,12 @@ def cli_logging(verbose: bool, progress: Progress | None = None) -> Iterator[Non
     """
     package = logging.getLogger("monai_trt")
     noisy = [logging.getLogger(name) for name in ("torch.onnx", "torch._dynamo", "torch.export")]
-    saved = [(h, h.stream, h.level) for h in package.handlers if isinstance(h, logging.StreamHandler)]
+    saved = [(h, h.stream, h.level) for h in package.handlers
+             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
     saved_levels = [(lg, lg.level) for lg in noisy]
     events = BuildLogEvents(progress) if progress is not None and progress.enabled else None
     for handler, stream, _ in saved:
-        if stream is sys.stdout or stream is sys.__stdout__:
+        if stream is not sys.stderr:
             handler.setStream(sys.stderr)
         handler.setLevel(logging.INFO if verbose else logging.WARNING)
     if events is not None:

@@ -14,7 +14,7 @@ from monai_trt.errors import BackendUnavailable, PatchError
 from monai_trt.spec import PatchEntry, parse_patch, parse_switch
 from monai_trt.wrapper import EngineWrapper
 
-__all__ = ["apply", "remove", "wrappers"]
+__all__ = ["apply", "remove", "wrappers", "module_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _find(network: nn.Module, path: str) -> nn.Module:
         ) from None
 
 
-def _module_device(module: nn.Module) -> torch.device:
+def module_device(module: nn.Module) -> torch.device:
     for tensor in module.parameters():
         return tensor.device
     for tensor in module.buffers():
@@ -113,7 +113,7 @@ def _check_entry(entry: PatchEntry, module: nn.Module) -> None:
     if entry.precision not in backend.precisions:
         raise PatchError(f"method '{entry.method}' does not support precision '{entry.precision}'; "
                          f"supported: {list(backend.precisions)}")
-    device = _module_device(module)
+    device = module_device(module)
     reason = backend.unavailable_reason(device)
     if reason:
         message = f"{entry.describe()}: method '{entry.method}' is not available on {device}: {reason}"

@@ -92,6 +92,11 @@ class EngineWrapper:
         self.disabled: str | None = None
         self.builds = 0
 
+    @property
+    def engines(self) -> dict[Any, list[LoadedEngine]]:
+        """Engines loaded in this process, by call layout."""
+        return self._engines
+
     # ------------------------------------------------------------------ call path
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.disabled or self.module.training or torch.compiler.is_compiling() or torch.jit.is_scripting():
