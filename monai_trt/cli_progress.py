@@ -8,7 +8,6 @@ can report without knowing whether a CLI is listening: with none, a report costs
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 import shutil
 import sys
@@ -20,11 +19,12 @@ from typing import Any, TextIO
 
 from monai.utils import optional_import
 
+from monai_trt.progress import report, reporting_to
+
 tqdm, _HAS_TQDM = optional_import("tqdm", name="tqdm")
 
 __all__ = ["Progress", "report", "BuildLogEvents", "cli_logging", "is_interactive"]
 
-_ACTIVE: contextvars.ContextVar[Progress | None] = contextvars.ContextVar("monai_trt_progress", default=None)
 _TICK_SECONDS = 0.5
 
 
@@ -34,13 +34,6 @@ def is_interactive(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-def report(label: str, phase: str, done: float | None = None, total: float | None = None) -> None:
-    """Tell the active display (if any) that `label` entered `phase`, optionally `done` of `total` units."""
-    progress = _ACTIVE.get()
-    if progress is not None:
-        progress.phase(label, phase, done, total)
 
 
 class Progress:
@@ -61,14 +54,15 @@ class Progress:
         self._ticker: threading.Thread | None = None
 
     def __enter__(self) -> Progress:
-        self._token = _ACTIVE.set(self)
+        self._route = reporting_to(self)
+        self._route.__enter__()
         if self.enabled:
             self._ticker = threading.Thread(target=self._tick, name="monai_trt-progress", daemon=True)
             self._ticker.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _ACTIVE.reset(self._token)
+        self._route.__exit__(None, None, None)
         self._stop.set()
         if self._ticker is not None:
             self._ticker.join()
@@ -147,7 +141,7 @@ class BuildLogEvents(logging.Handler):
             return
         label = str(args[0])
         if template.startswith("%s: building %s engine"):
-            self.progress.phase(label, f"export + {args[1]} engine build")
+            self.progress.phase(label, f"building {args[1]} engine", None, None)
         elif template.startswith("%s: engine ready in"):
             self.progress.finish(label, "engine saved")
         elif template.startswith("%s: using cached engine"):

@@ -27,6 +27,7 @@ from monai_trt.errors import BackendUnavailable, EngineBuildError, MonaiTrtError
 from monai_trt.export import DEFAULT_EXPORT_ARGS, FlatForward, precision_module
 from monai_trt.keys import WeightsHasher, architecture_fingerprint, device_info, engine_key, platform_info
 from monai_trt.profiles import plan_profiles, profile_accepts
+from monai_trt.progress import report
 from monai_trt.spec import PatchEntry
 from monai_trt.validate import compare_outputs
 
@@ -254,6 +255,7 @@ class EngineWrapper:
             logger.info("%s: building %s engine for inputs %s (key %s)...", label, backend.name, shapes, key[:12])
             built.append(True)
             start = time.perf_counter()
+            report(label, "export")
             module, forward = precision_module(self.module, self.original, backend.graph_precision(self.entry.precision))
             job = BuildJob(
                 module=FlatForward(module, forward, call).eval(),
@@ -265,6 +267,7 @@ class EngineWrapper:
             )
             with torch.no_grad():
                 artifacts = backend.build(job, tmp)
+            report(label, "save")
             return {
                 "artifacts": artifacts,
                 "key_inputs": key_inputs,

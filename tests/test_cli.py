@@ -394,7 +394,7 @@ def test_progress_shows_phases_elapsed_and_a_bar_when_reported():
         finally:
             wrapper_log.removeHandler(handler)
     text = stream.getvalue()
-    assert "net: export + onnxruntime engine build" in text
+    assert "net: building onnxruntime engine" in text
     assert "net: engine build" in text and " 30%" in text
     assert "net: engine saved [" in text
 

@@ -255,3 +255,20 @@ def test_missing_or_garbled_meta_is_rebuilt(cache_dir, x, damage, trt_logs):
     torch.testing.assert_close(run(again, x), reference(net, x), rtol=1e-4, atol=1e-5)
     assert monai_trt.wrappers(again)[""].builds == 1
     assert "meta.json is" in trt_logs.text()
+
+
+def test_build_reports_its_phases_in_order(x):
+    from monai_trt.progress import reporting_to
+
+    class Sink:
+        def __init__(self) -> None:
+            self.phases: list[str] = []
+
+        def phase(self, label, phase, done, total) -> None:
+            self.phases.append(phase)
+
+    sink = Sink()
+    net = monai_trt.apply(TinySeg().eval(), [ORT])
+    with reporting_to(sink):
+        run(net, x)
+    assert sink.phases == ["export", "engine build (ONNX Runtime session)", "save"]

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from monai_trt.backends.base import BuildJob, Engine
+from monai_trt.progress import report
 from monai_trt.export import export_program
 
 __all__ = ["AotiBackend"]
@@ -83,6 +84,7 @@ class AotiBackend:
 
     def build(self, job: BuildJob, out_dir: Path) -> list[str]:
         program = export_program(job)
+        report(job.label, "engine build (AOTInductor)")
         configs = {
             "aot_inductor.check_lowerbound": False,
             "max_autotune": job.build_args["max_autotune"],

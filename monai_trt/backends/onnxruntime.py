@@ -12,6 +12,7 @@ import torch
 from monai.utils import optional_import
 
 from monai_trt.backends.base import BuildJob, Engine
+from monai_trt.progress import report
 from monai_trt.export import export_onnx
 
 __all__ = ["OnnxRuntimeBackend"]
@@ -52,6 +53,7 @@ class OnnxRuntimeBackend:
 
     def build(self, job: BuildJob, out_dir: Path) -> list[str]:
         files = export_onnx(job, str(out_dir / MODEL))
+        report(job.label, "engine build (ONNX Runtime session)")
         # Check the session can be created here, so a graph ORT rejects fails the build, not the first call.
         self._session(out_dir, job.build_args, job.device)
         return files
