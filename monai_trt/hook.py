@@ -102,6 +102,11 @@ def module_device(module: nn.Module) -> torch.device:
 
 def _check_entry(entry: PatchEntry, module: nn.Module) -> None:
     """Validate what depends on the backend: build_args keys/types, precision, availability."""
+    if entry.refit != "none":
+        raise PatchError(
+            f"{entry.describe()}: refit '{entry.refit}' is not supported yet (engines keep their weights baked in "
+            "and are rebuilt when weights change); use refit: none"
+        )
     if entry.method == "auto":
         accepted = set().union(*(cls.default_build_args for cls in BACKENDS.values()))
         unknown = sorted(set(entry.build_args) - accepted)

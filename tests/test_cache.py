@@ -126,16 +126,75 @@ RACER = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_processes_racing_on_one_cold_key_build_once(cache_dir):
+def test_four_processes_racing_on_one_cold_key_build_once(cache_dir):
     env = {**os.environ, "MONAI_TRT_CACHE": cache_dir, "PYTHONPATH": str(Path(__file__).parents[1])}
     procs = [
         subprocess.Popen([sys.executable, "-c", RACER], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(3)
+        for _ in range(4)
     ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     logs = "".join(o[0] for o in outs)
     assert logs.count("building onnxruntime engine") == 1
-    assert logs.count("using cached engine") == 2
+    assert logs.count("using cached engine") == 3
     assert all(json.loads(o[0].strip().splitlines()[-1])["err"] < 1e-4 for o in outs)
     assert len(os.listdir(Path(cache_dir) / "entries")) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown")
+def test_entry_owned_by_another_user_is_refused(tmp_path, trt_logs):
+    cache = EngineCache.open(tmp_path / "c")
+    entry = cache.build(KEY, {}, build_ok)
+    os.chown(entry.path, 12345, 12345)
+    assert cache.lookup(KEY) is None
+    assert "owned by uid 12345" in trt_logs.text()
+
+
+SLOW_BUILDER = textwrap.dedent(
+    """
+    import time, torch, monai_trt
+    from monai_trt.backends.onnxruntime import OnnxRuntimeBackend
+    from tests.nets import TinySeg
+    real = OnnxRuntimeBackend.build
+    def slow(self, job, out_dir):
+        files = real(self, job, out_dir)
+        print("ARTIFACTS WRITTEN", flush=True)
+        time.sleep(120)
+        return files
+    OnnxRuntimeBackend.build = slow
+    torch.manual_seed(0)
+    net = monai_trt.apply(TinySeg().eval(), [{"method": "onnxruntime", "precision": "fp32"}])
+    with torch.no_grad():
+        net(torch.randn(1, 1, 8, 8, 8))
+    """
+)
+
+
+@pytest.mark.slow
+def test_process_killed_mid_build_leaves_nothing_visible_and_rerun_builds(cache_dir):
+    import signal
+
+    import torch
+
+    import monai_trt
+    from tests.nets import TinySeg
+
+    env = {**os.environ, "MONAI_TRT_CACHE": cache_dir, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_BUILDER], env=env, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "ARTIFACTS WRITTEN" in line:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    root = Path(cache_dir)
+    assert list((root / "entries").iterdir()) == []
+    assert len(list((root / "tmp").iterdir())) == 1  # the dead build's leftovers, never published
+    torch.manual_seed(0)
+    net = monai_trt.apply(TinySeg().eval(), [{"method": "onnxruntime", "precision": "fp32"}])
+    x = torch.randn(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        out = net(x)
+        ref = monai_trt.remove(net)(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert len(list((root / "entries").iterdir())) == 1
+    assert list((root / "tmp").iterdir()) == []

@@ -127,3 +127,8 @@ def test_deepcopy_of_wrapped_network_is_wrapped_independently():
     clone = copy.deepcopy(net)
     assert monai_trt.wrappers(clone)["encoder"].module is clone.encoder
     assert monai_trt.wrappers(net)["encoder"].module is net.encoder
+
+
+def test_refit_modes_are_refused_until_supported():
+    with pytest.raises(PatchError, match="refit 'identical' is not supported yet"):
+        monai_trt.apply(TinySeg(), [{**ORT, "refit": "identical"}])

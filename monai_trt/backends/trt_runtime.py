@@ -24,8 +24,17 @@ import torch
 from monai_trt.errors import BackendUnavailable, EngineBuildError
 
 __all__ = [
-    "require", "set_flag", "trt_version", "trt_major", "is_double", "trt_logger", "torch_dtype", "on_device",
-    "check_weights", "TensorRTEngine", "MAX_GRAPH_RECAPTURES",
+    "MAX_GRAPH_RECAPTURES",
+    "TensorRTEngine",
+    "check_weights",
+    "is_double",
+    "on_device",
+    "require",
+    "set_flag",
+    "torch_dtype",
+    "trt_logger",
+    "trt_major",
+    "trt_version",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,7 +93,7 @@ def set_flag(trt: Any, config: Any, name: str, on: bool = True) -> None:
         config.clear_flag(flag)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trt_logger(trt: Any) -> Any:
     """The process-wide `trt.ILogger` of a tensorrt module, forwarding to this module's `logging` logger.
 
@@ -284,8 +293,7 @@ class TensorRTEngine:
             if not context.set_tensor_address(name, out.data_ptr()):
                 raise RuntimeError(f"TensorRT rejected the address of output '{name}'")
             outputs.append(out)
-        if not context.execute_async_v3(stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed" + trt_logger(self._trt).recent_errors())
+        self._check(context.execute_async_v3(stream))
         return outputs
 
     def _run_graph(self, bound: list[tuple[str, torch.Tensor]], profile: int, stream: int) -> list[torch.Tensor]:

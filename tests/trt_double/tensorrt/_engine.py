@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-
 from tensorrt import DOUBLE, DataType, ILogger, TensorIOMode, __version__
 
 _MAGIC = b"TRT-DOUBLE-PLAN\n"

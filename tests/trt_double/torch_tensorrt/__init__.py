@@ -40,4 +40,4 @@ def load(file_path: str = "", extra_files: Any = None, **kwargs: Any) -> Any:
     return torch.export.load(file_path)
 
 
-from torch_tensorrt import dynamo  # noqa: E402  (uses Input above)
+from torch_tensorrt import dynamo as dynamo  # uses Input above

@@ -6,7 +6,6 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
-
 import torch_tensorrt
 
 _VERSION = tuple(int(p) for p in torch_tensorrt.__version__.split(".")[:2])
@@ -28,7 +27,7 @@ class _Compiled(torch.nn.Module):
         return self._module(*args)
 
 
-def compile(  # noqa: A001 - the real name
+def compile(
     exported_program: torch.export.ExportedProgram,
     inputs: Sequence[Any] | None = None,
     *,
