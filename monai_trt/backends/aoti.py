@@ -6,13 +6,13 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from monai_trt.backends.base import BuildJob, Engine
+from monai_trt.backends.base import BuildJob, CallableEngine, Engine
 from monai_trt.progress import report
 from monai_trt.export import export_program
 
@@ -100,13 +100,5 @@ class AotiBackend:
     def load(self, entry_dir: Path, meta: Mapping[str, Any], device: torch.device) -> Engine:
         index = device.index if device.type == "cuda" and device.index is not None else -1
         runner = _inductor(device).aoti_load_package(str(entry_dir / ARTIFACT), device_index=index)
-        return _AotiEngine(runner)
+        return CallableEngine(runner)
 
-
-class _AotiEngine:
-    def __init__(self, runner: Any) -> None:
-        self._runner = runner
-
-    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        outputs = self._runner(*inputs)
-        return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]

@@ -12,7 +12,7 @@ from torch import nn
 
 from monai_trt.errors import PatchError
 
-__all__ = ["BuildJob", "Backend", "Engine", "Profile", "merge_build_args"]
+__all__ = ["BuildJob", "Backend", "Engine", "CallableEngine", "Profile", "merge_build_args"]
 
 # One optimisation profile: per input, (min_shape, opt_shape, max_shape).
 Profile = tuple[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]
@@ -86,6 +86,20 @@ class Backend(Protocol):
 
     def load(self, entry_dir: Path, meta: Mapping[str, Any], device: torch.device) -> Engine:
         """Load a built engine from a verified cache entry."""
+
+
+class CallableEngine:
+    """Engine around a callable taking the inputs positionally (AOTInductor runners, compiled modules).
+
+    Both allocate new outputs on every call, so the results are fresh tensors.
+    """
+
+    def __init__(self, function: Any) -> None:
+        self._function = function
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        outputs = self._function(*inputs)
+        return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
 
 
 def merge_build_args(backend: Backend, user: Mapping[str, Any], strict: bool = True) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,7 +21,7 @@ import torch
 from monai.utils import optional_import
 
 from monai_trt.backends import tensorrt as trt_backend
-from monai_trt.backends.base import BuildJob, Engine
+from monai_trt.backends.base import BuildJob, CallableEngine, Engine
 from monai_trt.backends.trt_runtime import is_double, on_device, trt_major
 from monai_trt.errors import PatchError
 from monai_trt.export import export_program
@@ -96,7 +96,7 @@ class TorchTensorRTBackend:
         loader = getattr(torch_tensorrt, "load", None) or torch.export.load
         with on_device(device):
             program = loader(str(entry_dir / ARTIFACT))
-        return _ModuleEngine(program.module() if hasattr(program, "module") else program)
+        return CallableEngine(program.module() if hasattr(program, "module") else program)
 
 
 def _explicit_typing() -> bool:
@@ -156,13 +156,3 @@ def _inputs_keyword(function: Any) -> str:
     """`arg_inputs` where the function has it (newer Torch-TensorRT), else the older `inputs`."""
     return "arg_inputs" if "arg_inputs" in inspect.signature(function).parameters else "inputs"
 
-
-class _ModuleEngine:
-    """Calls a loaded module; Torch-TensorRT's runtime allocates new outputs per call (pre-allocation stays off)."""
-
-    def __init__(self, module: Any) -> None:
-        self._module = module
-
-    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        outputs = self._module(*inputs)
-        return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
