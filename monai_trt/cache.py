@@ -93,10 +93,12 @@ def pid_alive(pid: int) -> bool:
 class EngineCache:
     """Engine cache rooted at a directory. Use :meth:`open`, which falls back to a private temp dir."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, create: bool = True) -> None:
+        """Args: create: make the side directories (False: read-only inspection of an existing cache)."""
         self.root = root
-        for sub in ("entries", "locks", "tmp", "quarantine"):
-            _private_dir(root / sub)
+        if create:
+            for sub in ("entries", "locks", "tmp", "quarantine"):
+                _private_dir(root / sub)
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> EngineCache:

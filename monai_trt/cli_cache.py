@@ -150,9 +150,7 @@ def _inspector(root: Path) -> EngineCache:
     try:
         return EngineCache(root)
     except OSError:
-        cache = EngineCache.__new__(EngineCache)  # verify() and entries() only need `root`
-        cache.root = root
-        return cache
+        return EngineCache(root, create=False)
 
 
 def _cuda_capabilities() -> dict[str, int]:

@@ -43,11 +43,10 @@ class FlatForward(nn.Module):
         self.module = module
         self._forward = forward
         self._call = call
-        self.out_spec: Any = None
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         args, kwargs = self._call.rebuild(tensors)
-        leaves, self.out_spec = flatten_outputs(self._forward(*args, **kwargs))
+        leaves, _ = flatten_outputs(self._forward(*args, **kwargs))
         return tuple(leaves)
 
 

@@ -125,11 +125,11 @@ def parse_patch(patch: Any) -> tuple[PatchEntry, ...]:
     entries: list[PatchEntry] = []
     for index, raw in enumerate(patch):
         entries.extend(_parse_entry(index, raw))
-    seen: dict[str, int] = {}
+    seen: set[str] = set()
     for entry in entries:
         if entry.submodule in seen:
             raise PatchError(f"trt_patch: submodule '{entry.submodule}' appears in more than one entry")
-        seen[entry.submodule] = 1
+        seen.add(entry.submodule)
     _check_nesting([e.submodule for e in entries])
     return tuple(entries)
 
