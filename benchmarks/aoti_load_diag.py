@@ -1,4 +1,4 @@
-"""Build a tiny CUDA .pt2, then time aoti_load_package in fresh processes with a cProfile of each (GPU)."""
+"""Build a tiny CUDA .pt2, then time aoti_load_package in fresh processes, step by step, with a cProfile (GPU)."""
 
 import os
 import subprocess
@@ -14,16 +14,16 @@ path = os.path.join(tempfile.mkdtemp(), "tiny.pt2")
 net = TinySeg().cuda().eval()
 program = torch.export.export(net, (torch.randn(1, 1, 8, 8, 8, device="cuda"),))
 torch._inductor.aoti_compile_and_package(program, package_path=path)
-PROFILE = (
-    "import cProfile,pstats,io,time,torch;t=time.perf_counter();pr=cProfile.Profile();pr.enable();"
-    f"r=torch._inductor.aoti_load_package({path!r},device_index=0);pr.disable();"
-    "print('LOAD',round(time.perf_counter()-t,2));s=io.StringIO();"
-    "pstats.Stats(pr,stream=s).sort_stats('cumulative').print_stats(18);print(s.getvalue()[-3500:])"
+STEPS = (
+    "import time;t0=time.perf_counter();import torch;t1=time.perf_counter();torch.cuda.init();"
+    "torch.zeros(1,device='cuda');t2=time.perf_counter();import torch._inductor;t3=time.perf_counter();"
+    "import cProfile,pstats,io;pr=cProfile.Profile();pr.enable();"
+    f"r=torch._inductor.aoti_load_package({path!r},device_index=0);pr.disable();t4=time.perf_counter();"
+    "print('IMPORT_TORCH',round(t1-t0,2),'CUDA_INIT',round(t2-t1,2),'IMPORT_INDUCTOR',round(t3-t2,2),"
+    "'LOAD',round(t4-t3,2));s=io.StringIO();ps=pstats.Stats(pr,stream=s);ps.sort_stats('cumulative').print_stats(40);"
+    "ps.sort_stats('tottime').print_stats(25);print(s.getvalue())"
 )
-for label, extra in (("default", {}), ("vec_isa_ok", {"TORCHINDUCTOR_VEC_ISA_OK": "1"})):
+for label, extra in (("default", {}), ("vec_isa_ok", {"TORCHINDUCTOR_VEC_ISA_OK": "1"}), ("again", {})):
     env = {**os.environ, **extra}
-    out = subprocess.run([sys.executable, "-c", PROFILE], capture_output=True, text=True, env=env).stdout
-    print(f"==== {label}\n{out}")
-    out = subprocess.run([sys.executable, "benchmarks/aoti_load_probe.py", path, "0"], capture_output=True,
-                         text=True, env=env).stdout
-    print(out[:1500])
+    proc = subprocess.run([sys.executable, "-c", STEPS], capture_output=True, text=True, env=env)
+    print(f"==== {label}\n{proc.stdout}\n{proc.stderr[-3000:]}")
