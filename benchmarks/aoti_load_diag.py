@@ -1,4 +1,7 @@
-"""Build a tiny CUDA .pt2, then time aoti_load_package in fresh processes, step by step, with a cProfile (GPU)."""
+"""Build a tiny CUDA .pt2, then time a fresh process's steps up to aoti_load_package; dump its stacks every 4 s.
+
+Usage (GPU machine): python benchmarks/aoti_load_diag.py > diag.txt 2>&1
+"""
 
 import os
 import subprocess
@@ -14,16 +17,21 @@ path = os.path.join(tempfile.mkdtemp(), "tiny.pt2")
 net = TinySeg().cuda().eval()
 program = torch.export.export(net, (torch.randn(1, 1, 8, 8, 8, device="cuda"),))
 torch._inductor.aoti_compile_and_package(program, package_path=path)
-STEPS = (
-    "import time;t0=time.perf_counter();import torch;t1=time.perf_counter();torch.cuda.init();"
-    "torch.zeros(1,device='cuda');t2=time.perf_counter();import torch._inductor;t3=time.perf_counter();"
-    "import cProfile,pstats,io;pr=cProfile.Profile();pr.enable();"
-    f"r=torch._inductor.aoti_load_package({path!r},device_index=0);pr.disable();t4=time.perf_counter();"
-    "print('IMPORT_TORCH',round(t1-t0,2),'CUDA_INIT',round(t2-t1,2),'IMPORT_INDUCTOR',round(t3-t2,2),"
-    "'LOAD',round(t4-t3,2));s=io.StringIO();ps=pstats.Stats(pr,stream=s);ps.sort_stats('cumulative').print_stats(40);"
-    "ps.sort_stats('tottime').print_stats(25);print(s.getvalue())"
-)
-for label, extra in (("default", {}), ("again", {})):
-    env = {**os.environ, **extra}
-    proc = subprocess.run([sys.executable, "-u", "-c", STEPS], capture_output=True, text=True, env=env)
-    print(f"==== {label} rc={proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
+STEPS = f"""
+import faulthandler, sys, time
+faulthandler.enable()
+faulthandler.dump_traceback_later(4, repeat=True)
+t = time.perf_counter()
+def step(name):
+    global t
+    now = time.perf_counter(); print('STEP', name, round(now - t, 2), flush=True); t = now
+import torch; step('import torch')
+torch.zeros(1, device='cuda'); step('cuda init')
+import torch._inductor; step('import torch._inductor')
+runner = torch._inductor.aoti_load_package({path!r}, device_index=0); step('aoti_load_package')
+out = runner(torch.randn(1, 1, 8, 8, 8, device='cuda')); torch.cuda.synchronize(); step('first call')
+faulthandler.cancel_dump_traceback_later()
+"""
+for label in ("first", "second"):
+    proc = subprocess.run([sys.executable, "-u", "-c", STEPS], capture_output=True, text=True)
+    print(f"==== {label} rc={proc.returncode}\n{proc.stdout}\n{proc.stderr[-20000:]}", flush=True)
