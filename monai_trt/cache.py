@@ -31,7 +31,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from monai_trt.errors import CacheError
-from monai_trt.keys import SCHEMA_VERSION
+from monai_trt.keys import SCHEMA_VERSION, engine_key
 
 __all__ = ["CacheEntry", "EngineCache", "write_atomic", "pid_alive"]
 
@@ -145,6 +145,8 @@ class EngineCache:
             raise CacheError(f"{META} is unreadable: {err}") from err
         if not isinstance(meta, dict) or meta.get("key") != key or meta.get("schema") != SCHEMA_VERSION:
             raise CacheError(f"{META} does not describe key {key[:12]} (schema {SCHEMA_VERSION})")
+        if engine_key(meta.get("key_inputs", {})) != key:
+            raise CacheError(f"{META}'s key inputs (weights, versions, device...) do not hash to key {key[:12]}")
         artifacts = meta.get("artifacts")
         if not isinstance(artifacts, dict) or not artifacts:
             raise CacheError(f"{META} lists no artifacts")

@@ -101,7 +101,9 @@ def dynamic_shapes(job: BuildJob) -> dict[str, tuple[dict[int, Any], ...]]:
     """torch.export dynamic_shapes for the adapter's `*tensors` argument."""
     spec = []
     for ranges in job.ranges:
-        dims = {d: torch.export.Dim.DYNAMIC(min=lo, max=hi) for d, (lo, hi) in enumerate(ranges) if lo != hi}
+        # torch.export treats sizes 0/1 as special and traces dynamic dims as >= 2, so a range of [1, 2] would
+        # collapse to the constant 2; the exported range is widened (never narrowed): profiles still bound calls.
+        dims = {d: torch.export.Dim.DYNAMIC(min=lo, max=max(hi, 3)) for d, (lo, hi) in enumerate(ranges) if lo != hi}
         spec.append(dims)
     return {"tensors": tuple(spec)}
 

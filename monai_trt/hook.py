@@ -102,11 +102,6 @@ def module_device(module: nn.Module) -> torch.device:
 
 def _check_entry(entry: PatchEntry, module: nn.Module) -> None:
     """Validate what depends on the backend: build_args keys/types, precision, availability."""
-    if entry.refit != "none":
-        raise PatchError(
-            f"{entry.describe()}: refit '{entry.refit}' is not supported yet (engines keep their weights baked in "
-            "and are rebuilt when weights change); use refit: none"
-        )
     if entry.method == "auto":
         accepted = set().union(*(cls.default_build_args for cls in BACKENDS.values()))
         unknown = sorted(set(entry.build_args) - accepted)
@@ -115,6 +110,9 @@ def _check_entry(entry: PatchEntry, module: nn.Module) -> None:
         return
     backend = get_backend(entry.method)
     merge_build_args(backend, entry.build_args, strict=True)
+    if entry.refit not in backend.refit_modes:
+        refittable = sorted(name for name, cls in BACKENDS.items() if entry.refit in cls.refit_modes)
+        raise PatchError(f"method '{entry.method}' does not support refit '{entry.refit}'; methods that do: {refittable}")
     if entry.precision not in backend.precisions:
         raise PatchError(f"method '{entry.method}' does not support precision '{entry.precision}'; "
                          f"supported: {list(backend.precisions)}")

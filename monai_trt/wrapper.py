@@ -28,6 +28,7 @@ from monai_trt.export import DEFAULT_EXPORT_ARGS, FlatForward, precision_module
 from monai_trt.keys import WeightsHasher, architecture_fingerprint, device_info, engine_key, platform_info
 from monai_trt.profiles import plan_profiles, profile_accepts
 from monai_trt.progress import report
+from monai_trt.refit import REFIT_EXPORT_ARGS, engine_weights, is_refittable
 from monai_trt.spec import PatchEntry
 from monai_trt.validate import compare_outputs
 
@@ -47,12 +48,17 @@ def open_cache(path: str) -> EngineCache:
 
 
 class LoadedEngine:
-    """An engine in memory, with the shapes it accepts and how to restore its outputs."""
+    """An engine in memory, with the shapes it accepts, how to restore its outputs, and the weights it holds.
 
-    def __init__(self, engine: Any, entry: CacheEntry, weights: str | None) -> None:
+    `fingerprint` is the module-weights digest the engine computes with (baked in, or last refitted with); the
+    wrapper runs the engine only while it equals the module's current digest. None: holds no weights yet.
+    """
+
+    def __init__(self, engine: Any, entry: CacheEntry, fingerprint: str | None) -> None:
         self.engine = engine
         self.entry = entry
-        self.weights = weights
+        self.fingerprint = fingerprint
+        self.refit_mode = entry.meta.get("refit", "none")
         io = entry.meta["io"]
         self.profiles = [tuple(tuple(tuple(s) for s in inp) for inp in p) for p in io["profiles"]]
         self.out_spec = pytree.treespec_loads(entry.meta["outputs"]["spec"])
@@ -135,17 +141,19 @@ class EngineWrapper:
             logger.warning(msg, *args)
 
     def _engine_for(self, call: CapturedCall, args: Any, kwargs: Any, autocast: bool) -> LoadedEngine | None:
-        stale = self._weights is not None and self._weights.changed()
+        current = self._weights.digest() if self._weights is not None else None  # ~30 us unless weights changed
         for loaded in self._engines.get(call.layout, ()):
-            if loaded.accepts(call.shapes) and not (stale and loaded.weights is not None):
+            if loaded.accepts(call.shapes) and loaded.fingerprint == current:
                 if autocast not in loaded.checked_autocast:
                     self._check(loaded, call, args, kwargs, autocast)
                 return loaded
         with self._lock:
-            if stale:
-                self._drop_weight_bound_engines()
+            if current is not None:
+                self._sync_weights(call, current)
             for loaded in self._engines.get(call.layout, ()):
                 if loaded.accepts(call.shapes):
+                    if autocast not in loaded.checked_autocast:
+                        self._check(loaded, call, args, kwargs, autocast)
                     return loaded
             if sum(len(v) for v in self._engines.values()) >= self.entry.max_engines:
                 self._warn_once(
@@ -158,10 +166,32 @@ class EngineWrapper:
                 self._engines.setdefault(call.layout, []).append(loaded)
             return loaded
 
-    def _drop_weight_bound_engines(self) -> None:
-        logger.info("%s: weights changed; engines with the old weights are dropped", self.entry.describe())
+    def _sync_weights(self, call: CapturedCall, current: str) -> None:
+        """After a weights change: refit the engines built for refitting, drop those with weights baked in."""
         for layout, engines in self._engines.items():
-            self._engines[layout] = [e for e in engines if e.weights is None]
+            kept = []
+            for loaded in engines:
+                if loaded.fingerprint == current:
+                    kept.append(loaded)
+                elif loaded.refit_mode == "refit":
+                    self._refit(loaded, call, current)
+                    kept.append(loaded)
+                else:
+                    logger.info("%s: weights changed; engine %s (weights baked in or refit identical) is dropped",
+                                self.entry.describe(), loaded.entry.path)
+            self._engines[layout] = kept
+
+    def _refit(self, loaded: LoadedEngine, call: CapturedCall, current: str) -> None:
+        """Give a weight-less engine the module's current weights; it is validated again on its next use."""
+        start = time.perf_counter()
+        loaded.fingerprint = None
+        backend, _ = self._backend(torch.device(call.layout.device))
+        weights = engine_weights(self.module, self.original, call, backend.graph_precision(self.entry.precision))
+        loaded.engine.refit(weights)
+        loaded.fingerprint = current
+        loaded.checked_autocast.clear()
+        logger.info("%s: refitted engine %s with the module's weights in %.2f s",
+                    self.entry.describe(), loaded.entry.path, time.perf_counter() - start)
 
     # ------------------------------------------------------------------ build / load
     def _input_float_dtype(self, device: torch.device) -> torch.dtype:
@@ -178,6 +208,8 @@ class EngineWrapper:
                 logger.info("%s: %s", self.entry.describe(), why)
             if self.entry.precision not in backend.precisions:
                 raise BackendUnavailable(f"method '{backend.name}' does not support precision {self.entry.precision}")
+            if self.entry.refit not in backend.refit_modes:
+                raise BackendUnavailable(f"method '{backend.name}' does not support refit '{self.entry.refit}'")
             args = merge_build_args(backend, self.entry.build_args, strict=self.entry.method != "auto")
             self._backends[device.type] = (backend, args)
         return self._backends[device.type]
@@ -195,9 +227,10 @@ class EngineWrapper:
         if self._weights is None:
             self._weights = WeightsHasher(self.module)
             self._architecture = architecture_fingerprint(self.module)
-        weights = self._weights.digest() if self.entry.refit == "none" else None
+        weights = self._weights.digest()
         logger.debug("%s: key inputs hashed in %.3f s", self.entry.describe(), time.perf_counter() - start)
-        export_args = {**DEFAULT_EXPORT_ARGS, **self.entry.export_args}
+        refit = self.entry.refit
+        export_args = {**DEFAULT_EXPORT_ARGS, **(REFIT_EXPORT_ARGS if refit != "none" else {}), **self.entry.export_args}
         key_inputs = {
             "submodule": self.entry.submodule,
             "module_class": f"{type(self.module).__module__}.{type(self.module).__qualname__}",
@@ -207,8 +240,8 @@ class EngineWrapper:
             "exporter": export_args,
             "precision": self.entry.precision,
             "build_args": build_args,
-            "refit": self.entry.refit,
-            "weights": weights or "refit",
+            "refit": refit,
+            "weights": "refit" if refit == "refit" else weights,  # refit: any weights of this architecture
             "versions": backend.versions(),
             "device": device_info(device),
             "platform": platform_info(),
@@ -223,8 +256,11 @@ class EngineWrapper:
             reference = self._reference(args, kwargs)
             entry = self._build(cache, key, key_inputs, call, profiles, backend, build_args, export_args, reference)
             clock.lap("build")
-        loaded = self._load(cache, entry, backend, device, weights)
+        loaded = self._load(cache, entry, backend, device, weights if refit == "none" else None)
         clock.lap("load")
+        if refit != "none":
+            self._refit(loaded, call, weights)
+            clock.lap("refit")
         cache.record_use(entry)
         self._check(loaded, call, args, kwargs, autocast, reference)
         clock.lap("validate")
@@ -256,7 +292,9 @@ class EngineWrapper:
             built.append(True)
             start = time.perf_counter()
             report(label, "export")
-            module, forward = precision_module(self.module, self.original, backend.graph_precision(self.entry.precision))
+            graph_precision = backend.graph_precision(self.entry.precision)
+            module, forward = precision_module(self.module, self.original, graph_precision)
+            weight_names = frozenset(engine_weights(self.module, self.original, call, graph_precision))
             job = BuildJob(
                 module=FlatForward(module, forward, call).eval(),
                 example_inputs=tuple(call.tensors),
@@ -264,6 +302,7 @@ class EngineWrapper:
                 output_names=self.entry.output_names or tuple(f"output_{i}" for i in range(len(leaves))),
                 profiles=tuple(profiles), precision=self.entry.precision, build_args=build_args,
                 export_args=export_args, device=torch.device(call.layout.device), label=label, cache_root=cache.root,
+                refit=self.entry.refit, weight_names=weight_names if self.entry.refit != "none" else frozenset(),
             )
             with torch.no_grad():
                 artifacts = backend.build(job, tmp)
@@ -274,6 +313,7 @@ class EngineWrapper:
                 "io": {"names": list(call.layout.names), "dtypes": list(call.layout.dtypes), "profiles": profiles},
                 "outputs": {"spec": pytree.treespec_dumps(out_spec), "dtypes": [dtype_name(t.dtype) for t in leaves]},
                 "method": backend.name, "precision": self.entry.precision, "build_args": build_args,
+                "refit": self.entry.refit,
                 "submodule": self.entry.submodule, "build_seconds": round(time.perf_counter() - start, 3),
             }
 
@@ -292,10 +332,13 @@ class EngineWrapper:
         return entry
 
     def _load(
-        self, cache: EngineCache, entry: CacheEntry, backend: Backend, device: torch.device, weights: str | None
+        self, cache: EngineCache, entry: CacheEntry, backend: Backend, device: torch.device, fingerprint: str | None
     ) -> LoadedEngine:
         try:
-            return LoadedEngine(backend.load(entry.path, entry.meta, device), entry, weights)
+            engine = backend.load(entry.path, entry.meta, device)
+            if entry.meta.get("refit", "none") != "none" and not is_refittable(engine):
+                raise TypeError(f"method '{backend.name}' returned an engine that cannot be refitted")
+            return LoadedEngine(engine, entry, fingerprint)
         except Exception as err:  # noqa: BLE001 - an unloadable entry is moved aside; the caller rebuilds next call
             cache.quarantine(entry.key, f"could not be loaded: {type(err).__name__}: {err}")
             raise EngineBuildError(f"cached engine {entry.path} could not be loaded: {err}") from err

@@ -10,6 +10,7 @@ distinct graph is still exported once by the core's exporter.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -20,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import onnx
 import pytest
 import torch
 
 import monai_trt
+import monai_trt.refit
 from monai_trt.backends import tensorrt as trt_backend
 from monai_trt.backends.trt_runtime import (
     MAX_GRAPH_RECAPTURES,
@@ -130,6 +133,13 @@ def load_engine(cache_dir: str, device: torch.device):
     (path,) = list(cache.entries())
     entry = cache.verify(path.name, path)
     return trt_backend.TensorRTBackend().load(entry.path, entry.meta, device)
+
+
+def stored_initializers(cache_dir: str) -> list:
+    """The initializers inside the double's stored plan (magic line, header line, ONNX model)."""
+    (path,) = list(EngineCache.open(cache_dir).entries())
+    model = onnx.ModelProto.FromString((path / "engine.plan").read_bytes().split(b"\n", 2)[2])
+    return [onnx.numpy_helper.to_array(i) for i in model.graph.initializer]
 
 
 # ---------------------------------------------------------------------------------------------------- availability
@@ -418,16 +428,39 @@ def test_timing_cache_can_be_switched_off(double, cache_dir) -> None:
 
 # ---------------------------------------------------------------------------------------------------- refit, graphs
 @pytest.mark.parametrize("mode, flag", [("identical", "REFIT_IDENTICAL"), ("refit", "REFIT")])
-def test_refit_modes_strip_weights_and_missing_weights_are_refused(double, mode, flag, trt_logs) -> None:
+def test_refit_modes_build_stripped_plans_refitted_from_the_module(double, mode, flag, cache_dir, trt_logs) -> None:
     net = seg()
     x = torch.randn(2, 1, 8, 8, 8)
     with torch.no_grad():
-        expected = net(x)
-        assert torch.equal(patched(net, precision="fp32", build_args={"refit": mode}, fallback=True)(x), expected)
+        torch.testing.assert_close(patched(net, precision="fp32", refit=mode)(x), seg()(x), rtol=1e-4, atol=1e-4)
         assert {"STRIP_PLAN", flag} <= set(build(double)["flags"])
-        assert "missing" in trt_logs.text(logging.WARNING)
-        with pytest.raises(EngineBuildError, match=r"missing \d+ weights .* refused until it is refitted"):
-            patched(seg(), precision="fp32", build_args={"refit": mode})(x)
+        assert "refitted engine" in trt_logs.text()
+        assert not any(w.any() for w in stored_initializers(cache_dir))  # the stored plan holds zeros, no weights
+        torch.manual_seed(5)
+        net.load_state_dict(TinySeg().state_dict())  # a new checkpoint, loaded in place
+        plain = monai_trt.remove(copy.deepcopy(net))
+        torch.testing.assert_close(net(x), plain(x), rtol=1e-4, atol=1e-4)
+    builds = len(double.DOUBLE.builds)
+    assert builds == (1 if mode == "refit" else 2)  # identical engines hold only their build weights: rebuilt
+
+
+def test_stripped_plan_is_refused_until_refitted(double, cache_dir) -> None:
+    x = torch.randn(2, 1, 8, 8, 8)
+    with torch.no_grad():
+        patched(seg(), precision="fp32", refit="refit")(x)
+    engine = load_engine(cache_dir, torch.device("cpu"))
+    with pytest.raises(EngineBuildError, match="has not been refitted"):
+        engine([x])
+    weights = monai_trt.refit.engine_weights(seg(), seg().forward, None, "fp32")
+    with pytest.raises(EngineBuildError, match="weights the engine needs are missing"):
+        engine.refit({k: v for k, v in weights.items() if not k.endswith("head.bias")})
+    engine.refit(weights)
+    torch.testing.assert_close(engine([x])[0], seg()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_weights_are_passed_by_pointer(double) -> None:
+    tensor = torch.tensor([1.5, -2.0, 0.25], dtype=torch.bfloat16)
+    assert double.Weights(double.DataType.BF16, tensor.data_ptr(), 3).array.tolist() == [1.5, -2.0, 0.25]
 
 
 def test_refittable_engine_with_all_weights_is_accepted(double) -> None:

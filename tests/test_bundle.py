@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,16 +12,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).parents[1]
 BUNDLE = ROOT / "bundles" / "spheres_segmentation"
-CONFIGS = f"['{BUNDLE}/configs/inference.json','{BUNDLE}/configs/inference_trt.json']"
 pytestmark = pytest.mark.slow
 
 
-def run_bundle(tmp_path: Path, out: str, *extra: str, env: dict | None = None) -> str:
+def run_bundle(tmp_path: Path, out: str, *extra: str, env: dict | None = None, bundle: Path = BUNDLE) -> str:
+    configs = f"['{bundle}/configs/inference.json','{bundle}/configs/inference_trt.json']"
     cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "--config_file", CONFIGS, "--bundle_root", str(BUNDLE),
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(bundle),
         "--dataset_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / out), "--num_test", "1", *extra,
     ]
     full_env = {**os.environ, "MONAI_TRT_CACHE": str(tmp_path / "cache"), **(env or {})}
@@ -74,3 +77,24 @@ def test_trained_bundle_really_segments(runs):
     _, logs = runs
     line = next(l for l in logs["on"].splitlines() if "val_mean_dice" in l)
     assert float(line.rsplit(":", 1)[1]) > 0.9
+
+
+def test_swapped_checkpoint_is_refitted_not_rebuilt(tmp_path):
+    """refit: a new models/model.pt of the same architecture reuses the cached engine with the new weights."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("eval*", "__pycache__"))
+    extra = ("--trt_patch#0#refit", "refit")
+    first = run_bundle(tmp_path, "eval_a", *extra, bundle=bundle)
+    assert "engine ready in" in first
+    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    for name in list(state)[-2:]:  # the output convolution: negated logits swap the two classes
+        state[name] = -state[name]
+    torch.save(state, bundle / "models" / "model.pt")
+    second = run_bundle(tmp_path, "eval_b", *extra, bundle=bundle)
+    assert "refitted engine" in second and "building" not in second
+    (entry,) = (tmp_path / "cache" / "entries").iterdir()
+    assert json.loads((entry / "meta.json").read_text())["key_inputs"]["weights"] == "refit"
+    off = run_bundle(tmp_path, "eval_b_off", *extra, "--trt", "False", bundle=bundle)
+    assert "monai_trt is off" in off
+    a, b, b_off = masks(tmp_path / "eval_a")[0], masks(tmp_path / "eval_b")[0], masks(tmp_path / "eval_b_off")[0]
+    assert dice(b, b_off) > 0.99 and dice(a, b) < 0.5  # new weights really used, and used correctly

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from monai_trt.cache import EngineCache
+from monai_trt.keys import engine_key
 
-KEY = "a" * 64
+INPUTS = {"key_inputs": {"x": 1}}
+KEY = engine_key(INPUTS["key_inputs"])
 
 
 def build_ok(tmp: Path) -> dict:
@@ -23,7 +25,7 @@ def build_ok(tmp: Path) -> dict:
 
 def test_build_publishes_a_verified_entry(tmp_path):
     cache = EngineCache.open(tmp_path / "c")
-    entry = cache.build(KEY, {"key_inputs": {"x": 1}}, build_ok)
+    entry = cache.build(KEY, INPUTS, build_ok)
     assert entry.path == tmp_path / "c" / "entries" / KEY
     meta = json.loads((entry.path / "meta.json").read_text())
     assert meta["key"] == KEY and meta["note"] == "built" and set(meta["artifacts"]) == {"engine.bin"}
@@ -39,7 +41,7 @@ def test_failed_build_publishes_nothing(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space left"):
-        cache.build(KEY, {}, build_fails)
+        cache.build(KEY, INPUTS, build_fails)
     assert cache.lookup(KEY) is None
     assert list((tmp_path / "c" / "tmp").iterdir()) == []
 
@@ -49,13 +51,13 @@ def test_leftover_build_of_a_dead_process_is_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     leftover = tmp_path / "c" / "tmp" / f"{KEY}.{dead.stdout.strip()}.xyz"
     leftover.mkdir()
-    cache.build(KEY, {}, build_ok)
+    cache.build(KEY, INPUTS, build_ok)
     assert not leftover.exists()
 
 
 def test_tampered_artifact_is_quarantined(tmp_path):
     cache = EngineCache.open(tmp_path / "c")
-    entry = cache.build(KEY, {}, build_ok)
+    entry = cache.build(KEY, INPUTS, build_ok)
     (entry.path / "engine.bin").write_bytes(b"evil-bytes!!")
     assert cache.lookup(KEY) is None
     assert not entry.path.exists()
@@ -65,7 +67,7 @@ def test_tampered_artifact_is_quarantined(tmp_path):
 @pytest.mark.parametrize("name", ["../escape.bin", "/etc/passwd", "sub/engine.bin", "meta.json"])
 def test_artifact_names_cannot_escape_the_entry(tmp_path, name):
     cache = EngineCache.open(tmp_path / "c")
-    entry = cache.build(KEY, {}, build_ok)
+    entry = cache.build(KEY, INPUTS, build_ok)
     meta = json.loads((entry.path / "meta.json").read_text())
     meta["artifacts"] = {name: "0" * 64}
     (entry.path / "meta.json").write_text(json.dumps(meta))
@@ -74,7 +76,7 @@ def test_artifact_names_cannot_escape_the_entry(tmp_path, name):
 
 def test_symlinked_artifact_is_refused(tmp_path):
     cache = EngineCache.open(tmp_path / "c")
-    entry = cache.build(KEY, {}, build_ok)
+    entry = cache.build(KEY, INPUTS, build_ok)
     outside = tmp_path / "outside.bin"
     outside.write_bytes(b"engine-bytes")
     (entry.path / "engine.bin").unlink()
@@ -84,7 +86,7 @@ def test_symlinked_artifact_is_refused(tmp_path):
 
 def test_group_writable_entry_is_refused(tmp_path, trt_logs):
     cache = EngineCache.open(tmp_path / "c")
-    entry = cache.build(KEY, {}, build_ok)
+    entry = cache.build(KEY, INPUTS, build_ok)
     entry.path.chmod(0o777)
     assert cache.lookup(KEY) is None
     assert "group- or world-writable" in trt_logs.text()
@@ -144,7 +146,7 @@ def test_four_processes_racing_on_one_cold_key_build_once(cache_dir):
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown")
 def test_entry_owned_by_another_user_is_refused(tmp_path, trt_logs):
     cache = EngineCache.open(tmp_path / "c")
-    entry = cache.build(KEY, {}, build_ok)
+    entry = cache.build(KEY, INPUTS, build_ok)
     os.chown(entry.path, 12345, 12345)
     assert cache.lookup(KEY) is None
     assert "owned by uid 12345" in trt_logs.text()

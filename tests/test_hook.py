@@ -129,6 +129,7 @@ def test_deepcopy_of_wrapped_network_is_wrapped_independently():
     assert monai_trt.wrappers(net)["encoder"].module is net.encoder
 
 
-def test_refit_modes_are_refused_until_supported():
-    with pytest.raises(PatchError, match="refit 'identical' is not supported yet"):
-        monai_trt.apply(TinySeg(), [{**ORT, "refit": "identical"}])
+def test_refit_mode_is_checked_against_the_method():
+    with pytest.raises(PatchError, match="method 'torch_trt' does not support refit 'identical'"):
+        monai_trt.apply(TinySeg(), [{**ORT, "method": "torch_trt", "refit": "identical"}])
+    assert monai_trt.wrappers(monai_trt.apply(TinySeg(), [{**ORT, "refit": "identical"}]))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from monai_trt.backends.base import BuildJob, CallableEngine, Engine
+from monai_trt.errors import EngineBuildError
 from monai_trt.progress import report
 from monai_trt.export import export_program
 
@@ -18,6 +19,8 @@ __all__ = ["AotiBackend"]
 
 logger = logging.getLogger(__name__)
 ARTIFACT = "engine.pt2"
+CONSTANTS = "constants.pt"  # graph constants that are not weights (refit modes only)
+_FOLDED = "_FOLDED_CONST_"  # constants AOTInductor derives from weights at load (runtime constant folding)
 
 
 def _inductor():
@@ -46,6 +49,7 @@ class AotiBackend:
     name: ClassVar[str] = "aoti"
     multi_profile: ClassVar[bool] = False
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "tf32", "fp16", "bf16")
+    refit_modes: ClassVar[tuple[str, ...]] = ("none", "identical", "refit")
     default_build_args: ClassVar[Mapping[str, Any]] = {
         "max_autotune": False,
         "coordinate_descent_tuning": False,
@@ -87,12 +91,57 @@ class AotiBackend:
             "freezing": job.build_args["freezing"],
             **dict(job.build_args["inductor_configs"]),
         }
-        _inductor().aoti_compile_and_package(
-            program, package_path=str(out_dir / ARTIFACT), inductor_configs=configs
-        )
-        return [ARTIFACT]
+        artifacts = [ARTIFACT]
+        if job.refit != "none":
+            # Weights stay out of the package; whatever Inductor would fold from them is folded at load instead.
+            configs.update({
+                "freezing": False,
+                "aot_inductor.package_constants_in_so": False,
+                "aot_inductor.use_runtime_constant_folding": True,
+            })
+            constants = {k: v.detach().cpu() for k, v in program.constants.items() if isinstance(v, torch.Tensor)}
+            if constants:
+                torch.save(constants, out_dir / CONSTANTS)
+                artifacts.append(CONSTANTS)
+        _inductor().aoti_compile_and_package(program, package_path=str(out_dir / ARTIFACT), inductor_configs=configs)
+        return artifacts
 
     def load(self, entry_dir: Path, meta: Mapping[str, Any], device: torch.device) -> Engine:
         index = device.index if device.type == "cuda" and device.index is not None else -1
-        return CallableEngine(load_package(entry_dir / ARTIFACT, index))
+        runner = load_package(entry_dir / ARTIFACT, index)
+        if meta.get("refit", "none") == "none":
+            return CallableEngine(runner)
+        constants = {}
+        if CONSTANTS in meta["artifacts"]:
+            constants = torch.load(entry_dir / CONSTANTS, map_location=device, weights_only=True)
+        return _RefittableAoti(runner, constants, device)
 
+
+class _RefittableAoti(CallableEngine):
+    """A weight-less `.pt2`: refuses to run until every weight it names has been loaded."""
+
+    def __init__(self, runner: Any, constants: Mapping[str, torch.Tensor], device: torch.device) -> None:
+        super().__init__(runner)
+        self._runner = runner
+        expected = set(runner.get_constant_fqns())
+        self._constants = {k: v for k, v in constants.items() if k in expected}  # the rest was folded at build
+        self._device = device
+        self._names = frozenset(n for n in expected if not n.startswith(_FOLDED) and n not in self._constants)
+        self._loaded = False
+
+    def weight_names(self) -> frozenset[str]:
+        return self._names
+
+    def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
+        self._loaded = False
+        missing = sorted(self._names - set(weights))
+        if missing:
+            raise EngineBuildError(f"refit: {len(missing)} weights the engine needs are missing, e.g. {missing[:3]}")
+        update = {**{n: weights[n].detach().to(self._device) for n in self._names}, **self._constants}
+        self._runner.load_constants(update, check_full_update=True)
+        self._loaded = True
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if not self._loaded:
+            raise EngineBuildError("this engine was built without weights and has not been refitted")
+        return super().__call__(inputs)

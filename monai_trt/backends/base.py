@@ -12,7 +12,7 @@ from torch import nn
 
 from monai_trt.errors import PatchError
 
-__all__ = ["BuildJob", "Backend", "Engine", "CallableEngine", "Profile", "merge_build_args"]
+__all__ = ["BuildJob", "Backend", "Engine", "RefittableEngine", "CallableEngine", "Profile", "merge_build_args"]
 
 # One optimisation profile: per input, (min_shape, opt_shape, max_shape).
 Profile = tuple[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]
@@ -33,6 +33,8 @@ class BuildJob:
         device: where the engine runs.
         label: human-readable name for logs and errors.
         cache_root: the engine cache root (for side caches such as TensorRT's timing cache).
+        refit: none (weights baked in) | identical | refit (artifacts hold no weights; see RefittableEngine).
+        weight_names: names of the graph's weights (its parameters and buffers), for backends that strip them.
     """
 
     module: nn.Module
@@ -46,6 +48,8 @@ class BuildJob:
     device: torch.device
     label: str = ""
     cache_root: Path | None = None
+    refit: str = "none"
+    weight_names: frozenset[str] = frozenset()
 
     @property
     def ranges(self) -> tuple[tuple[tuple[int, int], ...], ...]:
@@ -64,13 +68,36 @@ class Engine(Protocol):
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
 
 
+class RefittableEngine(Engine, Protocol):
+    """An engine built without weights (`refit` identical/refit): it runs only after :meth:`refit`.
+
+    Weights are named as in the exported graph (the module's parameter and buffer names under the graph adapter),
+    in the graph's dtype.
+    """
+
+    def weight_names(self) -> frozenset[str]:
+        """Every weight the engine needs."""
+
+    def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Load `weights` (a superset of :meth:`weight_names`) into the engine.
+
+        Raises:
+            EngineBuildError: a needed weight is missing or does not fit; the engine must not be run.
+        """
+
+
 class Backend(Protocol):
-    """An engine kind. `default_build_args` also lists the accepted `build_args` keys."""
+    """An engine kind. `default_build_args` also lists the accepted `build_args` keys.
+
+    `refit_modes` lists the `refit` modes it can build; for modes other than none, `load` returns a
+    :class:`RefittableEngine`.
+    """
 
     name: ClassVar[str]
     default_build_args: ClassVar[Mapping[str, Any]]
     multi_profile: ClassVar[bool]
     precisions: ClassVar[tuple[str, ...]]
+    refit_modes: ClassVar[tuple[str, ...]]
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None when this backend can build and run engines on `device`, else why not (one sentence)."""

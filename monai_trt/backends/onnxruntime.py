@@ -12,14 +12,17 @@ import torch
 from monai.utils import optional_import
 
 from monai_trt.backends.base import BuildJob, Engine
+from monai_trt.errors import EngineBuildError
 from monai_trt.progress import report
 from monai_trt.export import export_onnx
 
 __all__ = ["OnnxRuntimeBackend"]
 
 ort, _HAS_ORT = optional_import("onnxruntime")
+onnx, _ = optional_import("onnx")
 logger = logging.getLogger(__name__)
 MODEL = "model.onnx"
+_PROTOBUF_LIMIT = 2**31 - 2**24  # an in-memory ONNX model must stay under protobuf's 2 GiB
 
 
 class OnnxRuntimeBackend:
@@ -28,6 +31,7 @@ class OnnxRuntimeBackend:
     name: ClassVar[str] = "onnxruntime"
     multi_profile: ClassVar[bool] = False
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "tf32", "fp16")
+    refit_modes: ClassVar[tuple[str, ...]] = ("none", "identical", "refit")
     default_build_args: ClassVar[Mapping[str, Any]] = {
         "graph_optimization_level": "all",
         "intra_op_num_threads": 0,
@@ -53,16 +57,22 @@ class OnnxRuntimeBackend:
 
     def build(self, job: BuildJob, out_dir: Path) -> list[str]:
         files = export_onnx(job, str(out_dir / MODEL))
+        if job.refit != "none":
+            files = _strip_weights(out_dir, files, job.weight_names)
+            report(job.label, "engine build (ONNX Runtime session)")
+            return files  # the session is created, and checked, when the weights arrive
         report(job.label, "engine build (ONNX Runtime session)")
         # Check the session can be created here, so a graph ORT rejects fails the build, not the first call.
-        self._session(out_dir, job.build_args, job.device)
+        self._session(str(out_dir / MODEL), job.build_args, job.device)
         return files
 
     def load(self, entry_dir: Path, meta: Mapping[str, Any], device: torch.device) -> Engine:
-        return _OrtEngine(self._session(entry_dir, meta["build_args"], device), device)
+        if meta.get("refit", "none") != "none":
+            return _RefittableOrt(onnx.load(str(entry_dir / MODEL)), meta["build_args"], device)
+        return _OrtEngine(self._session(str(entry_dir / MODEL), meta["build_args"], device), device)
 
     @staticmethod
-    def _session(directory: Path, build_args: Mapping[str, Any], device: torch.device) -> Any:
+    def _session(model: str | bytes, build_args: Mapping[str, Any], device: torch.device) -> Any:
         options = ort.SessionOptions()
         level = str(build_args["graph_optimization_level"]).lower()
         levels = {
@@ -80,7 +90,58 @@ class OnnxRuntimeBackend:
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda":
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
-        return ort.InferenceSession(str(directory / MODEL), sess_options=options, providers=providers)
+        return ort.InferenceSession(model, sess_options=options, providers=providers)
+
+
+def _strip_weights(out_dir: Path, files: list[str], weight_names: frozenset[str]) -> list[str]:
+    """Rewrite the exported model without the initializers that are weights; returns the files left."""
+    model = onnx.load(str(out_dir / MODEL))
+    kept = [i for i in model.graph.initializer if i.name not in weight_names]
+    stripped = len(model.graph.initializer) - len(kept)
+    if not stripped:
+        raise EngineBuildError("refit: the exported graph has no initializer named like a module weight")
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    for name in files:
+        (out_dir / name).unlink()
+    onnx.save(model, str(out_dir / MODEL))
+    logger.debug("refit: %d weight initializers left out of %s", stripped, MODEL)
+    return [MODEL]
+
+
+class _RefittableOrt:
+    """A weight-less ONNX graph: each refit creates a session with the given weights as initializers."""
+
+    def __init__(self, graph: Any, build_args: Mapping[str, Any], device: torch.device) -> None:
+        self._graph = graph
+        self._build_args = build_args
+        self._device = device
+        known = {i.name for i in graph.graph.initializer} | {i.name for i in graph.graph.input}
+        used = {name for node in graph.graph.node for name in node.input}
+        self._names = frozenset(used - known - {o for node in graph.graph.node for o in node.output} - {""})
+        self._engine: _OrtEngine | None = None
+
+    def weight_names(self) -> frozenset[str]:
+        return self._names
+
+    def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
+        self._engine = None
+        missing = sorted(self._names - set(weights))
+        if missing:
+            raise EngineBuildError(f"refit: {len(missing)} weights the engine needs are missing, e.g. {missing[:3]}")
+        model = onnx.ModelProto()
+        model.CopyFrom(self._graph)
+        arrays = {name: _to_numpy(weights[name]) for name in sorted(self._names)}
+        if sum(a.nbytes for a in arrays.values()) > _PROTOBUF_LIMIT:
+            raise EngineBuildError("refit with onnxruntime needs the weights to fit in one 2 GiB ONNX model")
+        model.graph.initializer.extend(onnx.numpy_helper.from_array(a, name) for name, a in arrays.items())
+        session = OnnxRuntimeBackend._session(model.SerializeToString(), self._build_args, self._device)
+        self._engine = _OrtEngine(session, self._device)
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if self._engine is None:
+            raise EngineBuildError("this engine was built without weights and has not been refitted")
+        return self._engine(inputs)
 
 
 class _OrtEngine:

@@ -58,6 +58,7 @@ class TensorRTBackend:
     name: ClassVar[str] = "onnx"
     multi_profile: ClassVar[bool] = True
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "tf32", "fp16", "bf16")
+    refit_modes: ClassVar[tuple[str, ...]] = tuple(_REFIT_FLAGS)
     default_build_args: ClassVar[Mapping[str, Any]] = {
         "builder_optimization_level": 3,  # TensorRT's default; 0 (fast build) .. 5 (slow build, fast engine)
         "precision_constraints": "obey",  # TensorRT 10, fp16/bf16: obey | prefer | none
@@ -67,7 +68,6 @@ class TensorRTBackend:
         "timing_cache": True,  # persist the tactic timing cache under <cache>/timing/
         "hardware_compatibility": "none",  # none | ampere_plus | same_compute_capability
         "version_compatible": False,
-        "refit": "none",  # none | identical | refit: engine built without weights (STRIP_PLAN), refitted later
         "use_cuda_graph": False,  # capture launches in CUDA graphs (inputs must be static buffers)
     }
 
@@ -114,6 +114,7 @@ class TensorRTBackend:
             trt, (entry_dir / PLAN).read_bytes(), meta["io"]["names"], device,
             use_cuda_graph=bool(args.get("use_cuda_graph", False)),
             host_code_allowed=bool(args.get("version_compatible", False)),
+            stripped=meta.get("refit", "none") != "none",
         )
 
 
@@ -124,7 +125,7 @@ def check_build_args(args: Mapping[str, Any]) -> Mapping[str, Any]:
         PatchError: a value outside its allowed set or range.
     """
     choices = {
-        "precision_constraints": tuple(_CONSTRAINT_FLAGS), "refit": tuple(_REFIT_FLAGS), "hardware_compatibility": _HARDWARE,
+        "precision_constraints": tuple(_CONSTRAINT_FLAGS), "hardware_compatibility": _HARDWARE,
     }
     for key, allowed in choices.items():
         if args[key] not in allowed:
@@ -156,7 +157,7 @@ def _build_plan(job: BuildJob, args: Mapping[str, Any], onnx_path: Path) -> byte
     _parse(parser, onnx_path)
     config = builder.create_builder_config()
     _set_precision(network, config, job.precision, args)
-    _set_options(config, args)
+    _set_options(config, args, job.refit)
     _add_profiles(builder, network, config, job)
     monitor = _progress_monitor(job.label or "engine")
     if monitor is not None:
@@ -226,8 +227,8 @@ def _keep_norms_fp32(network: Any) -> int:
     return count
 
 
-def _set_options(config: Any, args: Mapping[str, Any]) -> None:
-    """Optimisation level, memory pools, compatibility and refit flags from the build_args."""
+def _set_options(config: Any, args: Mapping[str, Any], refit: str) -> None:
+    """Optimisation level, memory pools and compatibility from the build_args; refit flags from the entry."""
     level = int(args["builder_optimization_level"])
     require(trt, "IBuilderConfig.builder_optimization_level",
             lambda: setattr(config, "builder_optimization_level", level))
@@ -245,7 +246,7 @@ def _set_options(config: Any, args: Mapping[str, Any]) -> None:
                 lambda: setattr(config, "hardware_compatibility_level", hw))
     if args["version_compatible"]:
         set_flag(trt, config, "VERSION_COMPATIBLE")
-    for flag in _REFIT_FLAGS[args["refit"]]:
+    for flag in _REFIT_FLAGS[refit]:
         set_flag(trt, config, flag)
 
 

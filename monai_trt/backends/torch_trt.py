@@ -42,6 +42,7 @@ class TorchTensorRTBackend:
     name: ClassVar[str] = "torch_trt"
     multi_profile: ClassVar[bool] = False
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "tf32", "fp16", "bf16")
+    refit_modes: ClassVar[tuple[str, ...]] = ("none",)
     default_build_args: ClassVar[Mapping[str, Any]] = {
         "min_block_size": 5,
         "optimization_level": 3,

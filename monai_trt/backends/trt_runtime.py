@@ -16,7 +16,7 @@ import functools
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -138,6 +138,13 @@ def torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
     raise TypeError(f"TensorRT I/O type {dtype} has no torch equivalent supported by monai_trt")
 
 
+def trt_weights(trt: Any, tensor: torch.Tensor) -> Any:
+    """`trt.Weights` over a contiguous host tensor (which must outlive the refit); bf16 goes by pointer."""
+    if tensor.dtype == torch.bfloat16:
+        return trt.Weights(trt.DataType.BF16, tensor.data_ptr(), tensor.numel())
+    return trt.Weights(tensor.numpy())
+
+
 @contextlib.contextmanager
 def on_device(device: torch.device) -> Iterator[None]:
     """Make `device` the current CUDA device (TensorRT uses the current one); nothing on CPU."""
@@ -186,6 +193,7 @@ class TensorRTEngine:
         device: where inputs and outputs live (CPU only with the test double).
         use_cuda_graph: capture the launch in a CUDA graph, replayed while shapes and input addresses repeat.
         host_code_allowed: allow the lean runtime embedded in a version-compatible engine to run.
+        stripped: the plan was built without weights (refit modes): it runs only after :meth:`refit`.
 
     Raises:
         EngineBuildError: the plan does not deserialize here, weights are missing, or the I/O does not match.
@@ -193,7 +201,7 @@ class TensorRTEngine:
 
     def __init__(
         self, trt: Any, plan: bytes, input_names: Sequence[str], device: torch.device, *,
-        use_cuda_graph: bool = False, host_code_allowed: bool = False,
+        use_cuda_graph: bool = False, host_code_allowed: bool = False, stripped: bool = False,
     ) -> None:
         self._trt = trt
         self._device = device
@@ -209,7 +217,8 @@ class TensorRTEngine:
                     "TensorRT could not deserialize the engine (built by another TensorRT version or GPU?)"
                     + log.recent_errors()
                 )
-            check_weights(trt, engine)
+            if not stripped:
+                check_weights(trt, engine)
             context = engine.create_execution_context()
             if context is None:
                 raise EngineBuildError("TensorRT could not create an execution context" + log.recent_errors())
@@ -232,6 +241,38 @@ class TensorRTEngine:
         self._active = 0  # a new context starts on profile 0
         self._lock = threading.Lock()  # this engine's context only: calls on other engines never wait
         self._graph = _Graph() if use_cuda_graph else None
+        self._refitted = not stripped
+
+    def weight_names(self) -> frozenset[str]:
+        """Names of the engine's refittable weights (the ONNX initializer names)."""
+        refitter = require(self._trt, "Refitter", lambda: self._trt.Refitter(self._engine, trt_logger(self._trt)))
+        return frozenset(require(self._trt, "Refitter.get_all_weights", refitter.get_all_weights))
+
+    def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Set every refittable weight from `weights` by name, refit, and check that none is missing.
+
+        Raises:
+            EngineBuildError: a weight is missing, or TensorRT refused the refit.
+        """
+        trt = self._trt
+        self._refitted = False
+        log = trt_logger(trt)
+        refitter = require(trt, "Refitter", lambda: trt.Refitter(self._engine, log))
+        names = set(require(trt, "Refitter.get_all_weights", refitter.get_all_weights))
+        missing = sorted(names - set(weights))
+        if missing:
+            raise EngineBuildError(f"refit: {len(missing)} weights the engine needs are missing, e.g. {missing[:3]}")
+        host = {name: weights[name].detach().cpu().contiguous() for name in sorted(names)}  # alive until refit
+        for name, tensor in host.items():
+            if not refitter.set_named_weights(name, trt_weights(trt, tensor)):
+                raise EngineBuildError(f"refit: TensorRT rejected weight '{name}'" + log.recent_errors())
+        with on_device(self._device):
+            if not refitter.refit_cuda_engine():
+                raise EngineBuildError("refit: TensorRT could not refit the engine" + log.recent_errors())
+        left = list(refitter.get_missing_weights())
+        if left:
+            raise EngineBuildError(f"refit: the engine still misses {len(left)} weights, e.g. {left[:3]}")
+        self._refitted = True
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Run the engine; returns new output tensors (a later call never overwrites them).
@@ -241,6 +282,8 @@ class TensorRTEngine:
             TypeError: an input's dtype or device differs from the engine's.
             RuntimeError: TensorRT rejected a binding or the launch.
         """
+        if not self._refitted:
+            raise EngineBuildError("this engine was built without weights and has not been refitted")
         if len(inputs) != self._n_inputs:
             raise ValueError(f"the engine takes {self._n_inputs} inputs, got {len(inputs)}")
         bound = [(name, inputs[i]) for i, name in self._inputs]

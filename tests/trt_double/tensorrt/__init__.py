@@ -256,3 +256,5 @@ from tensorrt._engine import ICudaEngine as ICudaEngine
 from tensorrt._engine import IExecutionContext as IExecutionContext
 from tensorrt._engine import Refitter as Refitter
 from tensorrt._engine import Runtime as Runtime
+from tensorrt._engine import Weights as Weights  # noqa: F401 - re-export
+

@@ -8,6 +8,7 @@ and writing each output to its bound address, so the code under test must bind r
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 from typing import Any
 
@@ -24,7 +25,14 @@ _NUMPY = {
 
 
 def pack_plan(header: dict[str, Any], model: onnx.ModelProto, stripped: bool) -> bytes:
-    """Serialize header + model; a weight-stripped plan has all initializers zeroed (as TensorRT's run as zeros)."""
+    """Serialize header + model; a weight-stripped plan has all initializers zeroed (as TensorRT's run as zeros).
+
+    The header keeps a digest of each build-time weight, so a REFIT_IDENTICAL engine refitted with other weights
+    can misbehave the way TensorRT documents (undefined results: here, the weights stay zero).
+    """
+    header["weight_digests"] = {
+        w.name: hashlib.sha256(onnx.numpy_helper.to_array(w).tobytes()).hexdigest() for w in model.graph.initializer
+    }
     if stripped:
         model = onnx.ModelProto.FromString(model.SerializeToString())
         for weight in model.graph.initializer:
@@ -60,6 +68,7 @@ class ICudaEngine:
         self.header, self.model, self._logger = header, model, logger
         self._names = list(header["inputs"]) + list(header["outputs"])
         self._session: ort.InferenceSession | None = None
+        self.missing = set(header["weights"]) if header["stripped"] else set()
 
     num_io_tensors = property(lambda self: len(self._names))
     num_optimization_profiles = property(lambda self: max(1, len(self.header["profiles"])))
@@ -94,12 +103,63 @@ class ICudaEngine:
         return self._session
 
 
+class Weights:
+    """Host weights: `Weights(ndarray)` or `Weights(DataType, pointer, count)` (BF16 only, copied here)."""
+
+    def __init__(self, *args: Any) -> None:
+        if len(args) == 1:
+            if not isinstance(args[0], np.ndarray) or not args[0].flags.c_contiguous:
+                raise TypeError("Weights(array) needs a C-contiguous numpy array")
+            self.array = args[0]
+            return
+        dtype, pointer, count = args
+        if dtype != DataType.BF16:
+            raise TypeError("the double reads only BF16 weights by pointer")
+        raw = np.ctypeslib.as_array((ctypes.c_uint16 * count).from_address(pointer)).copy()
+        self.array = (raw.astype(np.uint32) << 16).view(np.float32)
+
+
 class Refitter:
+    """Sets initializers of the engine's model by name; `refit_cuda_engine` swaps them in."""
+
     def __init__(self, engine: ICudaEngine, logger: ILogger) -> None:
         self._engine = engine
+        self._logger = logger
+        self._pending: dict[str, np.ndarray] = {}
+
+    def get_all_weights(self) -> list[str]:
+        return list(self._engine.header["weights"]) if self._engine.refittable else []
 
     def get_missing_weights(self) -> list[str]:
-        return list(self._engine.header["weights"]) if self._engine.header["stripped"] else []
+        return sorted(self._engine.missing - set(self._pending))
+
+    def set_named_weights(self, name: str, weights: Weights) -> bool:
+        if name not in self._engine.header["weights"]:
+            self._logger.log(ILogger.ERROR, f"Refitter: no weight named {name}")
+            return False
+        self._pending[name] = weights.array
+        return True
+
+    def refit_cuda_engine(self) -> bool:
+        if not self._engine.refittable or self.get_missing_weights():
+            self._logger.log(ILogger.ERROR, "Refitter: engine is not refittable or weights are missing")
+            return False
+        model = onnx.ModelProto.FromString(self._engine.model)
+        identical = "REFIT_IDENTICAL" in self._engine.header["flags"]
+        for weight in model.graph.initializer:
+            if weight.name in self._pending:
+                dtype = onnx.numpy_helper.to_array(weight).dtype
+                array = self._pending[weight.name].astype(dtype).reshape(list(weight.dims))
+                if identical and self._engine.header["weight_digests"][weight.name] != hashlib.sha256(
+                    array.tobytes()
+                ).hexdigest():
+                    array = np.zeros_like(array)  # undefined behaviour in TensorRT: wrong numbers, no error
+                weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
+        self._engine.model = model.SerializeToString()
+        self._engine.missing -= set(self._pending)
+        self._engine._session = None
+        self._pending.clear()
+        return True
 
 
 class IExecutionContext:
