@@ -1,0 +1,35 @@
+"""Helpers for tests that run an example bundle through the real `python -m monai.bundle run` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def run_bundle(bundle: Path, cwd: Path, *args: str, env: dict | None = None, timeout: int = 600) -> str:
+    """Run `bundle` with its inference.json + inference_trt.json and the given CLI overrides; returns stdout+stderr.
+
+    The engine cache is `cwd/cache`; the repository root is put on PYTHONPATH so `import monai_trt` works from
+    any checkout.
+    """
+    configs = f"['{bundle}/configs/inference.json','{bundle}/configs/inference_trt.json']"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(bundle), *args]
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    full_env = {k: v for k, v in os.environ.items() if k != "MONAI_TRT"}
+    full_env.update({"MONAI_TRT_CACHE": str(cwd / "cache"), "PYTHONPATH": path, **(env or {})})
+    done = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done.stdout + done.stderr
+
+
+def cache_entries(cache: Path) -> list[dict]:
+    """meta.json of every published entry under `cache`."""
+    entries = cache / "entries"
+    if not entries.is_dir():
+        return []
+    return [json.loads((e / "meta.json").read_text()) for e in sorted(entries.iterdir()) if (e / "meta.json").exists()]
