@@ -70,12 +70,15 @@ def apply(network: nn.Module, patch: Any, enabled: Any = True) -> nn.Module:
     if current and {name: w.entry for name, w in current.items()} == {e.submodule: e for e in entries}:
         return network
     targets = [(entry, _find(network, entry.submodule)) for entry in entries]
-    for entry, module in targets:
-        _check_entry(entry, module)
+    unavailable = [_check_entry(entry, module) for entry, module in targets]
     remove(network)
-    for entry, module in targets:
-        module.forward = EngineWrapper(module, entry.path, entry)
-        logger.info("%s will build its engine on first use (cache: %s)", entry.describe(), entry.path)
+    for (entry, module), reason in zip(targets, unavailable):
+        wrapper = EngineWrapper(module, entry.path, entry)
+        module.forward = wrapper
+        if reason:
+            wrapper.disabled = reason  # warned once, above: PyTorch from the start
+        else:
+            logger.info("%s will build its engine on first use (cache: %s)", entry.describe(), entry.path)
     return network
 
 
@@ -100,14 +103,18 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_entry(entry: PatchEntry, module: nn.Module) -> None:
-    """Validate what depends on the backend: build_args keys/types, precision, availability."""
+def _check_entry(entry: PatchEntry, module: nn.Module) -> str | None:
+    """Validate what depends on the backend: build_args keys/types, precision, availability.
+
+    Returns:
+        None, or why an explicitly named method cannot run on the module's device (after warning once).
+    """
     if entry.method == "auto":
         accepted = set().union(*(cls.default_build_args for cls in BACKENDS.values()))
         unknown = sorted(set(entry.build_args) - accepted)
         if unknown:
             raise PatchError(f"build_args {unknown} are not accepted by any method; accepted keys: {sorted(accepted)}")
-        return
+        return None
     backend = get_backend(entry.method)
     merge_build_args(backend, entry.build_args, strict=True)
     if entry.refit not in backend.refit_modes:
@@ -123,3 +130,5 @@ def _check_entry(entry: PatchEntry, module: nn.Module) -> None:
         if not entry.fallback:
             raise BackendUnavailable(message)
         logger.warning("%s; it will run in PyTorch", message)
+        return message
+    return None

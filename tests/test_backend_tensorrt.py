@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import onnx
 import pytest
@@ -461,6 +461,26 @@ def test_stripped_plan_is_refused_until_refitted(double, cache_dir) -> None:
 def test_bf16_weights_are_passed_by_pointer(double) -> None:
     tensor = torch.tensor([1.5, -2.0, 0.25], dtype=torch.bfloat16)
     assert double.Weights(double.DataType.BF16, tensor.data_ptr(), 3).array.tolist() == [1.5, -2.0, 0.25]
+
+
+def test_real_tensorrt_on_a_machine_without_cuda_warns_and_runs_pytorch(trt_logs) -> None:
+    """An entry that needs CUDA (TensorRT) on a CPU machine: one warning, PyTorch results; or a clear error."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trt_backend, "trt", SimpleNamespace(__version__="10.13.0"))  # a real-looking tensorrt
+        mp.setattr(trt_backend, "_HAS_TRT", True)
+        _check_cpu_only_tensorrt(trt_logs)
+
+
+def _check_cpu_only_tensorrt(trt_logs) -> None:
+    net, x = seg(), torch.randn(2, 1, 8, 8, 8)
+    with torch.no_grad():
+        expected = net(x)
+        patched(net, precision="fp16", fallback=True)
+        torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
+        net(x)
+    assert trt_logs.text(logging.WARNING).count("TensorRT engines need a CUDA device") == 1
+    with pytest.raises(BackendUnavailable, match="TensorRT engines need a CUDA device"):
+        patched(seg(), precision="fp16", fallback=False)
 
 
 def test_refittable_engine_with_all_weights_is_accepted(double) -> None:

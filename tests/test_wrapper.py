@@ -272,3 +272,18 @@ def test_build_reports_its_phases_in_order(x):
     with reporting_to(sink):
         run(net, x)
     assert sink.phases == ["export", "engine build (ONNX Runtime session)", "save"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: an input on another device than the module")
+@pytest.mark.parametrize("module_device, input_device", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_input_on_another_device_gets_pytorchs_own_error(module_device, input_device, cache_dir):
+    net = monai_trt.apply(TinySeg().eval().to(module_device), [{"method": "aoti", "precision": "fp32"}])
+    x = torch.randn(2, 1, 8, 8, 8, device=input_device)
+    plain = monai_trt.remove(copy.deepcopy(net))
+    with pytest.raises(RuntimeError) as expected:
+        run(plain, x)
+    with pytest.raises(type(expected.value)):
+        run(net, x)
+    assert not monai_trt.wrappers(net)[""].disabled  # the caller's error, not the engine's: still enabled
+    same = torch.randn(2, 1, 8, 8, 8, device=module_device)
+    torch.testing.assert_close(run(net, same), run(plain, same), rtol=1e-4, atol=1e-4)
