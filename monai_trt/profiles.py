@@ -27,7 +27,8 @@ def plan_profiles(entry: PatchEntry, call: CapturedCall) -> tuple[list[Any] | No
 
     - `input_profiles`: the first profile containing the call's shapes (its engine also gets every other profile
       when the backend supports several); names must match the forward's tensor inputs.
-    - `dynamic_batchsize`: dim 0 of every tensor input ranges over [min, max]; other dims as observed.
+    - `dynamic_batchsize`: dim 0 ranges over [min, max] for every tensor input whose dim 0 is the batch size (that of
+      the first tensor input); other inputs and dims as observed.
     - neither: exactly the observed shapes.
     """
     shapes = call.shapes
@@ -44,13 +45,14 @@ def plan_profiles(entry: PatchEntry, call: CapturedCall) -> tuple[list[Any] | No
         return [matching[0]] + [p for p in profiles if p is not matching[0]], ""
     if entry.dynamic_batchsize is not None:
         lo, opt, hi = entry.dynamic_batchsize
+        batch = next((shape[0] for shape in shapes if shape), None)
+        if batch is not None and not lo <= batch <= hi:
+            return None, f"batch size {batch} is outside dynamic_batchsize [{lo}, {opt}, {hi}]"
         profile = []
         for shape in shapes:
-            if not shape:
-                profile.append(([], [], []))
+            if not shape or shape[0] != batch:  # not batched with the first input (e.g. a [1] timestep): as observed
+                profile.append((list(shape), list(shape), list(shape)))
                 continue
-            if not lo <= shape[0] <= hi:
-                return None, f"batch size {shape[0]} is outside dynamic_batchsize [{lo}, {opt}, {hi}]"
             rest = list(shape[1:])
             profile.append(([lo, *rest], [opt, *rest], [hi, *rest]))
         return [tuple(profile)], ""

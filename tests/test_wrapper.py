@@ -287,3 +287,23 @@ def test_input_on_another_device_gets_pytorchs_own_error(module_device, input_de
     assert not monai_trt.wrappers(net)[""].disabled  # the caller's error, not the engine's: still enabled
     same = torch.randn(2, 1, 8, 8, 8, device=module_device)
     torch.testing.assert_close(run(net, same), run(plain, same), rtol=1e-4, atol=1e-4)
+
+
+class Timestepped(torch.nn.Module):
+    """Latents of batch N plus a one-element timestep shared by the batch (as MONAI's diffusion inferers pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * t.float().view(-1, 1, 1, 1)
+
+
+def test_dynamic_batch_leaves_inputs_without_the_batch_dim_as_observed(cache_dir, trt_logs):
+    net = monai_trt.apply(Timestepped().eval(), [{**ORT, "dynamic_batchsize": [1, 2, 4]}])
+    t = torch.tensor([3])
+    for batch in (3, 1, 4):
+        x = torch.randn(batch, 2, 6, 6)
+        torch.testing.assert_close(run(net, x, t), reference(net, x, t), rtol=1e-4, atol=1e-5)
+    assert len(entries(cache_dir)) == 1 and "runs in PyTorch" not in trt_logs.text()
