@@ -5,6 +5,7 @@ Every configuration error is raised here, as a :class:`PatchError`, before any e
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from monai_trt.errors import PatchError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["PatchEntry", "parse_patch", "parse_switch", "default_cache_dir", "PRECISIONS", "METHODS"]
 
@@ -24,8 +27,16 @@ _TRUE = ("true", "1", "on", "yes")
 _FALSE = ("false", "0", "off", "no")
 
 # Keys model-zoo authors pass to MONAI's trt_compile that have no effect here; accepted so that existing
-# inference_trt.json files move over mechanically, and reported once at INFO.
-IGNORED_ZOO_KEYS = ("timestamp", "logger", "forward_override", "output_lists")
+# inference_trt.json files move over mechanically, and reported at INFO when the patch is parsed.
+# `input_names`: names always come from the forward's signature (trt_compile's default).
+IGNORED_ZOO_KEYS = ("timestamp", "logger", "forward_override", "output_lists", "input_names")
+# `export_args` keys that MONAI's convert_to_onnx (which trt_compile calls) consumes itself rather than passing to
+# torch.onnx.export: here the export is always torch.onnx.export(dynamo=True), names and dynamic dims come from the
+# call and the profiles, and every engine is validated against PyTorch. Dropped (so they are not in the key).
+IGNORED_ZOO_EXPORT_ARGS = (
+    "dynamo", "use_trace", "verify", "device", "use_ort", "ort_provider", "rtol", "atol", "constant_size_threshold",
+    "input_names", "output_names", "dynamic_axes", "filename",
+)
 
 
 @dataclass(frozen=True)
@@ -47,7 +58,7 @@ class PatchEntry:
         export_args: options for the exporter (e.g. opset_version), part of the cache key.
         use_cuda_graph: capture CUDA graphs where the backend supports it.
         refit: none (weights baked in), identical or refit (engine stored without weights).
-        output_names: names for the engine outputs (cosmetic, as in trt_compile).
+        output_names: names for the engine outputs (cosmetic: unlike trt_compile, outputs never become a dict).
     """
 
     submodule: str = ""
@@ -157,7 +168,14 @@ def _parse_entry(index: int, raw: Any) -> list[PatchEntry]:
     values["method"] = _choice(raw.get("method", "auto"), METHODS, f"{where}.method")
     values["refit"] = _choice(raw.get("refit", "none"), REFIT_MODES, f"{where}.refit")
     values["build_args"] = _as_dict(raw.get("build_args"), f"{where}.build_args")
-    values["export_args"] = _as_dict(raw.get("export_args"), f"{where}.export_args")
+    export_args = _as_dict(raw.get("export_args"), f"{where}.export_args")
+    values["export_args"] = {k: v for k, v in export_args.items() if k not in IGNORED_ZOO_EXPORT_ARGS}
+    if raw.get("input_names") is not None:
+        _names(raw["input_names"], f"{where}.input_names")
+    ignored = sorted(set(raw) & set(IGNORED_ZOO_KEYS))
+    ignored += [f"export_args.{k}" for k in sorted(set(export_args) - set(values["export_args"]))]
+    if ignored:
+        logger.info("%s: %s accepted for compatibility with trt_compile and ignored", where, ignored)
     for flag in ("fallback", "validate", "use_cuda_graph"):
         if flag in raw:
             values[flag] = _as_bool(raw[flag], f"{where}.{flag}")
@@ -172,10 +190,7 @@ def _parse_entry(index: int, raw: Any) -> list[PatchEntry]:
             raise PatchError(f"{where}.max_engines must be a positive integer, got {n!r}")
         values["max_engines"] = n
     if raw.get("output_names") is not None:
-        names = raw["output_names"]
-        if not isinstance(names, Sequence) or isinstance(names, str) or not all(isinstance(n, str) for n in names):
-            raise PatchError(f"{where}.output_names must be a list of strings, got {names!r}")
-        values["output_names"] = tuple(names)
+        values["output_names"] = _names(raw["output_names"], f"{where}.output_names")
     dyn, profiles = raw.get("dynamic_batchsize"), raw.get("input_profiles")
     if dyn is not None and profiles:
         raise PatchError(f"{where}: give either dynamic_batchsize or input_profiles, not both")
@@ -197,6 +212,12 @@ def _as_str(value: Any, what: str) -> str:
     if not isinstance(value, (str, os.PathLike)):
         raise PatchError(f"{what} must be a path string, got {value!r}")
     return os.fspath(value)
+
+
+def _names(value: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(value, Sequence) or isinstance(value, str) or not all(isinstance(n, str) for n in value):
+        raise PatchError(f"{what} must be a list of strings, got {value!r}")
+    return tuple(value)
 
 
 def _choice(value: Any, options: tuple[str, ...], what: str) -> str:

@@ -94,3 +94,51 @@ def test_cache_dir_default_order(monkeypatch, tmp_path):
     monkeypatch.delenv("MONAI_TRT_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == str(tmp_path / "xdg" / "monai_trt")
+
+
+# Every argument MONAI's TrtCompiler (monai/networks/trt_compiler.py, monai 1.6.1) accepts, as a model-zoo
+# inference_trt.json would spell it after the config parser resolved it.
+ZOO_ARGS = {
+    "precision": "fp16",
+    "method": "onnx",
+    "input_names": ["x_in"],
+    "output_names": ["pred"],
+    "output_lists": [[-1]],
+    "export_args": {"dynamo": True, "report": True, "opset_version": 20, "use_trace": False, "verify": True},
+    "build_args": {"builder_optimization_level": 5, "precision_constraints": "obey"},
+    "dynamic_batchsize": [1, 4, 4],
+    "use_cuda_graph": False,
+    "timestamp": 1732000000,
+    "fallback": True,
+    "forward_override": None,
+}
+
+
+def test_every_trt_compile_argument_is_accepted():
+    (entry,) = parse_patch({**ZOO_ARGS, "submodule": "image_encoder.encoder"})
+    assert entry.submodule == "image_encoder.encoder"
+    assert (entry.precision, entry.method, entry.fallback, entry.use_cuda_graph) == ("fp16", "onnx", True, False)
+    assert entry.dynamic_batchsize == (1, 4, 4)
+    assert dict(entry.build_args) == {"builder_optimization_level": 5, "precision_constraints": "obey"}
+    assert entry.output_names == ("pred",)
+
+
+def test_zoo_export_args_for_convert_to_onnx_are_dropped_from_the_entry():
+    # dynamo/use_trace/verify are MONAI convert_to_onnx options; passed on to torch.onnx.export(dynamo=True, ...)
+    # they would fail the export ("multiple values for keyword argument 'dynamo'") or change the key for nothing.
+    (entry,) = parse_patch(ZOO_ARGS)
+    assert dict(entry.export_args) == {"report": True, "opset_version": 20}
+    (plain,) = parse_patch({"export_args": {"dynamo": True}})
+    assert plain == parse_patch({})[0]
+
+
+def test_ignored_zoo_keys_are_reported(trt_logs):
+    parse_patch([{"timestamp": 1, "input_names": ["x"], "export_args": {"dynamo": False}}])
+    text = trt_logs.text()
+    assert "['input_names', 'timestamp', 'export_args.dynamo'] accepted for compatibility" in text
+
+
+@pytest.mark.parametrize("key", ["input_names", "output_names"])
+def test_io_names_must_be_lists_of_strings(key):
+    with pytest.raises(PatchError, match=rf"{key} must be a list of strings"):
+        parse_patch([{key: "x_in"}])
