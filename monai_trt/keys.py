@@ -87,8 +87,10 @@ class WeightsHasher:
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
-    """Device facts that change an engine: type and, on CUDA, compute capability (never the index)."""
+    """Device facts that change an engine: type; CPU vector capability or CUDA compute capability (never the index)."""
     info: dict[str, Any] = {"type": device.type}
+    if device.type == "cpu":  # the vector ISA CPU code was generated for (AVX2, AVX512...)
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         info["capability"] = f"{major}.{minor}"
