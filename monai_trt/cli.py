@@ -1,4 +1,4 @@
-"""`python -m monai_trt <command>` (or `monai-trt`): build, ls, verify, clean, info.
+"""`python -m monai_trt <command>` (or `monai-trt`): build, ls, verify, clean, info, bench.
 
 Each command is a plain function whose signature is its command line (fire), with the config conventions of
 `python -m monai.bundle run`::
@@ -9,6 +9,7 @@ Each command is a plain function whose signature is its command line (fire), wit
     python -m monai_trt verify --bundle_root <dir> [--config_file ...]
     python -m monai_trt clean [--max_size 2GB | --all] [--yes]
     python -m monai_trt info [--json]
+    python -m monai_trt bench --bundle_root <dir> | --workload w1 [--out DIR] [--modes ...]
 
 Results go to stdout (tables, or JSON with `--json`); progress and warnings go to stderr. Progress is shown on a
 terminal only; `--quiet` hides it there too. A failed build or verification exits with status 1.
@@ -25,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import monai_trt
+from monai_trt.bench import bench
 from monai_trt.cli_bundle import CliError, load_bundle
 from monai_trt.cli_cache import clean_cache, engine_table, format_size, parse_size, scan
 from monai_trt.cli_progress import Progress, cli_logging, is_interactive
 from monai_trt.errors import MonaiTrtError
 from monai_trt.spec import default_cache_dir
 
-__all__ = ["build", "ls", "verify", "clean", "info", "main"]
+__all__ = ["build", "ls", "verify", "clean", "info", "bench", "main"]
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -270,8 +272,8 @@ def main() -> None:
     if "--" not in argv and any(a in ("--help", "-h") for a in argv[1:]):
         argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]  # else **override takes `help`
     try:
-        fire.Fire({"build": build, "ls": ls, "verify": verify, "clean": clean, "info": info}, command=argv,
-                  name="monai_trt")
+        fire.Fire({"build": build, "ls": ls, "verify": verify, "clean": clean, "info": info, "bench": bench},
+                  command=argv, name="monai_trt")
     except MonaiTrtError as err:
         print(f"monai_trt: error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -1,0 +1,202 @@
+"""`python -m monai_trt bench`: PyTorch (fp32, tf32, AMP) against every available engine × precision, side by side,
+on this machine, in one run: network latency at the window batch, sliding-window time per volume, the end-to-end
+bundle run, engine build time, cache-hit start-up, peak GPU memory and accuracy against PyTorch fp32 (and labels).
+
+Writes `results.json`, `results.md` and `chart.png` into `--out`. Each mode runs in turn in this process (engines
+through `monai_trt.apply` itself, with a fresh cache per mode so that the build is measured); start-up and
+end-to-end runs are fresh processes (see `bench_run.py`). A mode that fails is recorded with its error and the bench
+goes on.
+"""
+
+from __future__ import annotations
+
+import ast
+import json as jsonlib
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monai_trt.bench_measure import machine_info
+from monai_trt.bench_report import write_chart, write_markdown
+from monai_trt.bench_run import Clock, plan_modes, run_modes
+from monai_trt.bench_workload import bundle_workload, w1_settings, w1_workload
+from monai_trt.cli_bundle import CliError
+from monai_trt.cli_progress import Progress, cli_logging, is_interactive
+from monai_trt.spec import parse_switch
+
+__all__ = ["bench", "SCHEMA"]
+
+SCHEMA = "monai_trt.bench/1"
+
+
+def _device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(str(device))
+    except RuntimeError as err:
+        raise CliError(f"--device {device!r} is not a torch device (e.g. cuda, cuda:1, cpu): {err}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {device}: CUDA is not available here (torch {torch.__version__})")
+    if dev.type not in ("cuda", "cpu"):
+        raise CliError(f"--device {device}: only cuda and cpu are supported")
+    return dev
+
+
+def _count(value: Any, name: str, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise CliError(f"--{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _check_options(bundle_root: Any, workload: Any, workload_args: Any, config_file: Any, override: dict[str, Any],
+                   device: Any, modes: Any, methods: Any, precisions: Any
+                   ) -> tuple[dict[str, Any] | None, torch.device, list[Any]]:
+    """Validate the subject and mode options before any work: (W1 settings or None, device, modes)."""
+    if (bundle_root is None) == (workload is None):
+        raise CliError("give either --bundle_root <bundle> or --workload w1")
+    if workload is not None and str(workload).lower() != "w1":
+        raise CliError(f"--workload {workload!r} unknown; built-in workloads: w1")
+    if workload_args is not None and workload is None:
+        raise CliError("--workload_args applies to --workload w1 only")
+    if workload is not None and (override or config_file is not None):
+        raise CliError(f"config options {sorted(override) or ['config_file']} apply to --bundle_root only")
+    if not parse_switch(True):
+        raise CliError("environment variable MONAI_TRT switches monai_trt off; unset it to benchmark engines")
+    if isinstance(workload_args, str):
+        try:
+            workload_args = ast.literal_eval(workload_args)
+        except (ValueError, SyntaxError) as err:
+            raise CliError(f"--workload_args {workload_args!r} is not a dict literal: {err}") from err
+    if workload_args is not None and not isinstance(workload_args, dict):
+        raise CliError(f"--workload_args must be a dict, got {workload_args!r}")
+    w1 = w1_settings(workload_args) if workload is not None else None
+    dev = _device(device)
+    plan = plan_modes(dev, modes, methods, precisions)
+    if not plan:
+        raise CliError("no mode left to run (check --modes)")
+    return w1, dev, plan
+
+
+def bench(
+    bundle_root: str | None = None,
+    workload: str | None = None,
+    out: str = "bench_results",
+    config_file: Any = None,
+    meta_file: str | None = None,
+    net_id: str = "network",
+    patch_id: str = "trt_patch",
+    ckpt: str | None = None,
+    modes: Any = None,
+    methods: Any = None,
+    precisions: Any = None,
+    device: str | None = None,
+    repeats: int = 5,
+    warmup: int = 2,
+    num_volumes: int = 1,
+    hd95: bool = True,
+    skip_e2e: bool = False,
+    skip_startup: bool = False,
+    budget: float | None = None,
+    workload_args: Any = None,
+    json: bool = False,
+    quiet: bool = False,
+    verbose: bool = False,
+    **override: Any,
+) -> None:
+    """Benchmark PyTorch fp32 / tf32 / AMP against every available engine × precision on this machine.
+
+    Per mode: network latency at the sliding-window batch, sliding-window seconds per volume, the bundle end to end
+    (`monai.bundle run`, NIfTI in → mask out), engine build time, cache-hit start-up (fresh process to first network
+    output, next to eager's), peak GPU memory, and accuracy against PyTorch fp32 (Dice, HD95, max abs / relative L2
+    error of the logits; against the labels too when the dataset has them). Medians over --repeats after --warmup
+    untimed runs, CUDA synchronised. Writes results.json, results.md and chart.png into --out; prints the table.
+
+    Args:
+        bundle_root: the bundle to measure (configs as `monai.bundle run` takes them).
+        workload: instead of a bundle, a built-in workload: `w1` (SwinUNETR feature 48, 1->2 channels,
+            240x240x160 volume, ROI 96^3, sw_batch 8, overlap 0.5; random seeded weights and volume).
+        out: output folder (engine caches per mode and end-to-end outputs go under it too).
+        config_file: config file(s) (default configs/inference.json + configs/inference_trt.json when present).
+        meta_file: metadata.json (default: beside the first config file).
+        net_id: config id of the network.
+        patch_id: config id of the monai_trt patch (engine modes override its method/precision/path).
+        ckpt: checkpoint (default: the CheckpointLoader's load_path, else models/model.pt).
+        modes: only these modes, e.g. "fp32,amp,aoti_fp16" (method names select all their precisions;
+            "eager", "engines" select groups).
+        methods: engine methods (default: every method available on the device; see `monai_trt info`).
+        precisions: engine precisions (default fp32,fp16 on CUDA, fp32 on CPU).
+        device: cuda, cuda:N or cpu (default: cuda when available; for a bundle, overrides its `device` id).
+        repeats: timed repeats (medians are reported, raw samples kept in the JSON).
+        warmup: untimed runs before timing.
+        num_volumes: volumes from the dataset (W1: random volumes) per repeat.
+        hd95: compute HD95 (can be slow on large volumes on CPU).
+        skip_e2e: do not run the bundle end to end.
+        skip_startup: do not measure start-up in fresh processes.
+        budget: seconds; once spent, remaining modes and phases are skipped (a running build is not interrupted).
+        workload_args: W1 settings to change, e.g. "{'feature_size': 12, 'shape': [64, 64, 64]}" (keys:
+            feature_size, in_channels, out_channels, shape, roi, sw_batch, overlap, seed, window_size, depths).
+        json: print results.json instead of the table.
+        quiet: no progress lines on stderr.
+        verbose: show monai_trt's INFO logs.
+        override: bundle config ids to override, as in `monai.bundle run` (also passed to the end-to-end runs).
+    """
+    progress = Progress(enabled=not quiet and is_interactive(sys.stderr))
+
+    def note(line: str) -> None:
+        if progress.enabled:
+            progress.note(line)
+        elif not quiet:  # per-phase timing lines also in scripts and logs (a GPU run is long)
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+    w1, dev, plan = _check_options(bundle_root, workload, workload_args, config_file, override, device, modes, methods,
+                                   precisions)
+    repeats, warmup = _count(repeats, "repeats", 1), _count(warmup, "warmup", 0)
+    num_volumes = _count(num_volumes, "num_volumes", 1)
+    if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0):
+        raise CliError(f"--budget must be a positive number of seconds, got {budget!r}")
+    folder = Path(out).expanduser().absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {"repeats": repeats, "warmup": warmup, "num_volumes": num_volumes, "hd95": bool(hd95),
+                "skip_e2e": bool(skip_e2e), "skip_startup": bool(skip_startup), "budget_s": budget,
+                "modes": [m.name for m in plan]}
+    with cli_logging(verbose, progress), progress:
+        clock = Clock(budget, note)
+        clock.log(f"modes: {', '.join(m.name + (' (skipped)' if m.skip else '') for m in plan)}")
+        if workload is not None:
+            work = w1_workload(w1, dev, num_volumes)
+        else:
+            if device is not None:
+                override = {**override, "device": f"$torch.device('{dev}')"}
+            work = bundle_workload(config_file, bundle_root, meta_file, net_id, patch_id, ckpt, override, num_volumes)
+        if work.device.type != dev.type:  # the bundle's own `device` decides where it runs
+            plan = plan_modes(work.device, modes, methods, precisions)
+            settings["modes"] = [m.name for m in plan]
+        clock.log(f"workload {work.name}: {type(work.network).__name__} on {work.device}, window batch "
+                  f"{work.batch_shape}, {len(work.volumes)} volume(s) {list(work.volumes[0].shape)}")
+        results: dict[str, Any] = {
+            "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": [sys.executable, "-m", "monai_trt", *sys.argv[1:]] if Path(sys.argv[0]).name in (
+                "__main__.py", "monai-trt", "monai_trt") else None,
+            "machine": machine_info(work.device), "workload": {**work.description, "window_batch": work.batch_shape},
+            "settings": settings,
+            "reference": "fp32", "modes": {},
+        }
+        run_modes(work, plan, folder, settings, clock, results)
+        results["total_s"] = clock.elapsed()
+        (folder / "results.json").write_text(jsonlib.dumps(results, indent=1, default=str))
+        markdown = write_markdown(results, folder / "results.md")
+        chart = write_chart(results, folder / "chart.png")
+        clock.log(f"done in {clock.elapsed():.0f} s: {folder / 'results.json'}, results.md"
+                  + (", chart.png" if chart else " (no chart: matplotlib is not installed)"))
+    if json:
+        print(jsonlib.dumps(results, indent=1, default=str))
+    else:
+        print(markdown)
+    failed = [name for name, row in results["modes"].items() if row.get("status") == "error"]
+    if failed:
+        raise CliError(f"{len(failed)} mode(s) failed: {', '.join(failed)} (errors in {folder / 'results.json'})")

@@ -1,0 +1,155 @@
+"""`python -m monai_trt bench`: a well-formed report (results.json, results.md, chart.png) on CPU, on the example
+bundle and on a reduced W1; failing modes are recorded and the bench goes on; bad options are clear errors.
+
+Speed is never asserted here (the benchmark itself measures it); these tests check the report's shape and that an
+fp32 engine agrees with eager fp32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from monai_trt import cli
+from monai_trt.backends.aoti import AotiBackend
+from monai_trt.backends.onnxruntime import OnnxRuntimeBackend
+from monai_trt.bench import bench, plan_modes
+from monai_trt.cli_bundle import CliError
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "spheres_segmentation"
+# W1 at a size a 2-core CPU runs in a few seconds per volume (one window; the ROI must stay a multiple of 32, and
+# >= 64 for SwinUNETR's instance norms).
+TINY_W1 = {"feature_size": 12, "shape": [64, 64, 64], "roi": [64, 64, 64], "sw_batch": 1, "window_size": 4,
+           "depths": [1, 1, 1, 1]}
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+
+
+def _table_rows(markdown: str) -> list[str]:
+    rows = [line for line in markdown.splitlines() if line.startswith("| `")]
+    return [row.split("|")[1].strip().strip("`") for row in rows]
+
+
+def _check_png(path: Path) -> None:
+    if HAS_MPL:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert not path.exists()
+
+
+@pytest.mark.slow
+def test_bench_bundle_writes_json_markdown_and_chart(tmp_path, capsys):
+    out = tmp_path / "bench"
+    bench(bundle_root=str(BUNDLE), out=str(out), modes="onnxruntime_fp32", methods="onnxruntime", precisions="fp32",
+          repeats=2, warmup=1, quiet=True,
+          **{"dataset_dir": str(tmp_path / "data"), "num_test": 1, "inferer#roi_size": [96, 96, 96],
+             "inferer#sw_batch_size": 1})
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema"] == "monai_trt.bench/1"
+    assert {"device", "gpu", "versions"} <= set(results["machine"])
+    assert {"torch", "monai", "onnxruntime"} <= set(results["machine"]["versions"])
+    assert results["workload"]["name"] == "Spheres segmentation"
+    assert list(results["modes"]) == ["onnxruntime_fp32"]
+    row = results["modes"]["onnxruntime_fp32"]
+    assert row["status"] == "ok", row.get("error")
+    assert row["network"]["batch_shape"] == [1, 1, 96, 96, 96]
+    assert len(row["network"]["samples_s"]) == 2 and row["network"]["median_s"] > 0
+    assert len(row["sliding_window"]["samples_s"]) == 2 and row["sliding_window"]["median_s"] > 0
+    assert row["build"]["engine_build_s"] > 0 and row["build"]["engines"][0]["method"] == "onnxruntime"
+    assert row["peak_mem_bytes"] is None  # CPU
+    # fp32 engine against eager fp32 (computed untimed because fp32 is not among the modes): near perfect
+    vs_fp32 = row["accuracy"]["vs_fp32"]
+    assert vs_fp32["dice"] >= 0.99 and vs_fp32["rel_l2"] < 1e-3 and vs_fp32["hd95"] is not None
+    assert row["accuracy"]["vs_labels"]["dice"] > 0.9  # the bundle's dataset has labels
+    assert results["startup_eager"]["status"] == "ok"
+    startup = row["startup"]
+    assert startup["status"] == "ok" and startup["cache_hit"] and startup["engines"] == 1
+    assert startup["overhead_vs_eager_s"] == pytest.approx(
+        startup["first_output_s"] - results["startup_eager"]["first_output_s"])
+    e2e = row["e2e"]
+    assert e2e["status"] == "ok", e2e.get("error")
+    assert e2e["engine_cache_hit"] and e2e["key_metric"]["name"] == "val_mean_dice"
+    assert list((out / "e2e" / "onnxruntime_fp32" / "output").glob("*_seg.nii.gz"))  # NIfTI in -> mask out
+    markdown = (out / "results.md").read_text()
+    assert _table_rows(markdown) == ["onnxruntime_fp32"] and markdown in printed + "\n"
+    _check_png(out / "chart.png")
+
+
+def test_bench_w1_reduced_eager_modes(tmp_path, capsys):
+    out = tmp_path / "w1"
+    bench(workload="w1", workload_args=TINY_W1, out=str(out), modes="fp32,amp", repeats=1, warmup=0,
+          num_volumes=1, skip_startup=True, quiet=True, json=True)
+    results = json.loads(capsys.readouterr().out)
+    assert results == json.loads((out / "results.json").read_text())
+    assert results["workload"]["kind"] == "w1" and results["workload"]["settings"]["feature_size"] == 12
+    assert list(results["modes"]) == ["fp32", "amp"]
+    fp32, amp = results["modes"]["fp32"], results["modes"]["amp"]
+    assert fp32["status"] == amp["status"] == "ok"
+    assert fp32["network"]["batch_shape"] == [1, 1, 64, 64, 64]
+    assert fp32["accuracy"]["vs_fp32"] is None  # fp32 is the reference
+    assert fp32["accuracy"]["vs_labels"] is None and fp32["e2e"]["status"] == "n/a"  # no bundle: n/a
+    assert 0.5 < amp["accuracy"]["vs_fp32"]["argmax_agreement"] <= 1.0
+    assert amp["accuracy"]["vs_fp32"]["max_abs"] > 0  # bf16 autocast on CPU differs from fp32
+    assert _table_rows((out / "results.md").read_text()) == ["fp32", "amp"]
+    _check_png(out / "chart.png")
+
+
+def test_failing_engine_modes_are_recorded_and_the_bench_goes_on(tmp_path, monkeypatch):
+    def broken(self, job, tmp):
+        raise RuntimeError("simulated build failure")
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "build", broken)
+    monkeypatch.setattr(AotiBackend, "build", broken)
+    out = tmp_path / "fail"
+    with pytest.raises(CliError, match="2 mode\\(s\\) failed: onnxruntime_fp32, aoti_fp32"):
+        bench(workload="w1", workload_args=TINY_W1, out=str(out), modes="engines",
+              methods="onnxruntime,aoti", precisions="fp32", repeats=1, warmup=0, skip_startup=True, quiet=True)
+    results = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in results["modes"].values()] == ["error", "error"]  # the second ran after the first
+    assert "simulated build failure" in results["modes"]["onnxruntime_fp32"]["error"]
+    markdown = (out / "results.md").read_text()
+    assert _table_rows(markdown) == ["onnxruntime_fp32", "aoti_fp32"]
+    assert "`aoti_fp32` error" in markdown
+
+
+def test_budget_skips_what_does_not_fit(tmp_path):
+    out = tmp_path / "budget"
+    bench(workload="w1", workload_args=TINY_W1, out=str(out), modes="fp32", budget=1e-6, quiet=True)
+    row = json.loads((out / "results.json").read_text())["modes"]["fp32"]
+    assert row["status"] == "skipped" and "budget" in row["reason"]
+
+
+def test_unavailable_combinations_are_skipped_with_a_reason():
+    import torch
+
+    modes = {m.name: m for m in plan_modes(torch.device("cpu"), methods="onnxruntime,onnx", precisions="fp32,bf16")}
+    assert "tf32" not in modes  # a CUDA setting: not a default mode on CPU
+    assert modes["onnxruntime_fp32"].skip is None
+    assert "does not support bf16" in modes["onnxruntime_bf16"].skip
+    assert "not available on cpu" in modes["onnx_fp32"].skip
+    assert plan_modes(torch.device("cpu"), modes="tf32")[0].skip.startswith("TF32 is a CUDA setting")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workload", "w1", "--modes", "fp33"], "--modes ['fp33'] unknown; valid:"),
+    (["--workload", "w1", "--precisions", "fp8"], "--precisions ['fp8'] unknown"),
+    (["--workload", "w1", "--methods", "tensorrt"], "--methods ['tensorrt'] unknown; valid methods:"),
+    (["--workload", "w1", "--repeats", "0"], "--repeats must be an integer >= 1"),
+    (["--workload", "w1", "--workload_args", "{'bogus': 1}"], "['bogus'] are not W1 settings"),
+    (["--workload", "w1", "--workload_args", "{'roi': [40, 40, 40]}"], "multiples of 32"),
+    (["--workload", "w2"], "--workload 'w2' unknown; built-in workloads: w1"),
+    (["--workload", "w1", "--bundle_root", str(BUNDLE)], "give either --bundle_root <bundle> or --workload w1"),
+    ([], "give either --bundle_root <bundle> or --workload w1"),
+    (["--bundle_root", "/nonexistent/bundle"], "no configs/inference.json under bundle_root"),
+])
+def test_bad_options_give_one_clear_error(args, message, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["monai_trt", "bench", "--out", str(tmp_path / "o"), *args])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("monai_trt: error: ") and message in err and "Traceback" not in err
