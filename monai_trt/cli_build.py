@@ -26,6 +26,7 @@ from monai_trt.errors import MonaiTrtError
 from monai_trt.hook import module_device
 from monai_trt.hook import apply, wrappers
 from monai_trt.keys import WeightsHasher, architecture_fingerprint
+from monai_trt.refit import engine_weights
 from monai_trt.spec import PatchEntry, parse_switch
 from monai_trt.validate import compare_outputs
 
@@ -244,6 +245,8 @@ def _check(info: EntryInfo, module: nn.Module, tolerance: float | None, generato
         if call is None or {f: call.layout.to_json()[f] for f in _LAYOUT_FIELDS} != recorded:
             return Verdict(info, "skip", "its recorded call (nested or positional-only inputs) cannot be replayed; "
                                          "check it by running the bundle")
+        if meta.get("refit", "none") != "none":  # a weight-less engine: the bundle's weights, as the wrapper does
+            engine.refit(engine_weights(module, forward, call, backend.graph_precision(precision)))
         outputs = engine(call.tensors)
         target = module_device(module)
         with torch.no_grad():

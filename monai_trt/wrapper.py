@@ -210,6 +210,9 @@ class EngineWrapper:
                 raise BackendUnavailable(f"method '{backend.name}' does not support precision {self.entry.precision}")
             if self.entry.refit not in backend.refit_modes:
                 raise BackendUnavailable(f"method '{backend.name}' does not support refit '{self.entry.refit}'")
+            if self.entry.use_cuda_graph and not backend.cuda_graphs:
+                logger.warning("%s: use_cuda_graph has no effect with method '%s' (TensorRT engines only)",
+                               self.entry.describe(), backend.name)
             args = merge_build_args(backend, self.entry.build_args, strict=self.entry.method != "auto")
             self._backends[device.type] = (backend, args)
         return self._backends[device.type]
@@ -335,7 +338,7 @@ class EngineWrapper:
         self, cache: EngineCache, entry: CacheEntry, backend: Backend, device: torch.device, fingerprint: str | None
     ) -> LoadedEngine:
         try:
-            engine = backend.load(entry.path, entry.meta, device)
+            engine = backend.load(entry.path, entry.meta, device, use_cuda_graph=self.entry.use_cuda_graph)
             if entry.meta.get("refit", "none") != "none" and not is_refittable(engine):
                 raise TypeError(f"method '{backend.name}' returned an engine that cannot be refitted")
             return LoadedEngine(engine, entry, fingerprint)

@@ -127,12 +127,12 @@ def build(trt: ModuleType) -> dict:
     return trt.DOUBLE.builds[-1]
 
 
-def load_engine(cache_dir: str, device: torch.device):
+def load_engine(cache_dir: str, device: torch.device, use_cuda_graph: bool = False):
     """Load the single cache entry with the backend, as the wrapper does."""
     cache = EngineCache.open(cache_dir)
     (path,) = list(cache.entries())
     entry = cache.verify(path.name, path)
-    return trt_backend.TensorRTBackend().load(entry.path, entry.meta, device)
+    return trt_backend.TensorRTBackend().load(entry.path, entry.meta, device, use_cuda_graph=use_cuda_graph)
 
 
 def stored_initializers(cache_dir: str) -> list:
@@ -494,8 +494,8 @@ def test_cuda_graph_replays_and_recaptures_when_addresses_move(double, cache_dir
     net = seg()
     x = torch.randn(2, 1, 8, 8, 8)
     with torch.no_grad():
-        patched(net, precision="fp32", build_args={"use_cuda_graph": True})(x)
-        engine = load_engine(cache_dir, torch.device("cpu"))
+        patched(net, precision="fp32", use_cuda_graph=True)(x)
+        engine = load_engine(cache_dir, torch.device("cpu"), use_cuda_graph=True)
         context = double.DOUBLE.contexts[-1]
         assert torch.allclose(engine([x])[0], net(x), atol=1e-4)  # capture
         shapes_set = sum(c[0] == "set_input_shape" for c in context.calls)

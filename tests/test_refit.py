@@ -166,3 +166,13 @@ def _plant(cache_dir: str, old_key: str, new_net: nn.Module) -> str:
 def test_refit_mode_needs_a_method_that_supports_it():
     with pytest.raises(PatchError, match="does not support refit 'refit'; methods that do: .*aoti"):
         monai_trt.apply(TinySeg(), [{"method": "torch_trt", "refit": "refit"}])
+
+
+def test_cli_verify_refits_weightless_entries_with_the_bundle_weights(cache_dir, x):
+    from monai_trt.cli_build import verify_entries
+
+    net = monai_trt.apply(TinySeg().eval(), patch("onnxruntime"))
+    run(net, x)
+    other = TinySeg().eval()  # another checkpoint of the same architecture
+    (verdict,), others = verify_entries(other, [cache_dir])
+    assert verdict.outcome == "pass", verdict.detail

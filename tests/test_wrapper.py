@@ -222,8 +222,8 @@ def test_an_engine_that_disagrees_with_pytorch_is_never_used(monkeypatch, x, trt
 
     real_load = OnnxRuntimeBackend.load
 
-    def wrong_load(self, entry_dir, meta, device):
-        engine = real_load(self, entry_dir, meta, device)
+    def wrong_load(self, entry_dir, meta, device, **options):
+        engine = real_load(self, entry_dir, meta, device, **options)
         return lambda inputs: [o * 1.5 for o in engine(inputs)]
 
     monkeypatch.setattr(OnnxRuntimeBackend, "load", wrong_load)

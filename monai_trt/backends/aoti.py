@@ -71,6 +71,7 @@ class AotiBackend:
     multi_profile: ClassVar[bool] = False
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "tf32", "fp16", "bf16")
     refit_modes: ClassVar[tuple[str, ...]] = ("none", "identical", "refit")
+    cuda_graphs: ClassVar[bool] = False
     default_build_args: ClassVar[Mapping[str, Any]] = {
         "max_autotune": False,
         "coordinate_descent_tuning": False,
@@ -127,7 +128,9 @@ class AotiBackend:
         _inductor().aoti_compile_and_package(program, package_path=str(out_dir / ARTIFACT), inductor_configs=configs)
         return artifacts
 
-    def load(self, entry_dir: Path, meta: Mapping[str, Any], device: torch.device) -> Engine:
+    def load(
+        self, entry_dir: Path, meta: Mapping[str, Any], device: torch.device, use_cuda_graph: bool = False
+    ) -> Engine:
         index = device.index if device.type == "cuda" and device.index is not None else -1
         runner = load_package(entry_dir / ARTIFACT, index)
         if meta.get("refit", "none") == "none":

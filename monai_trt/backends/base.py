@@ -90,7 +90,7 @@ class Backend(Protocol):
     """An engine kind. `default_build_args` also lists the accepted `build_args` keys.
 
     `refit_modes` lists the `refit` modes it can build; for modes other than none, `load` returns a
-    :class:`RefittableEngine`.
+    :class:`RefittableEngine`. `cuda_graphs`: whether `load(..., use_cuda_graph=True)` captures CUDA graphs.
     """
 
     name: ClassVar[str]
@@ -98,6 +98,7 @@ class Backend(Protocol):
     multi_profile: ClassVar[bool]
     precisions: ClassVar[tuple[str, ...]]
     refit_modes: ClassVar[tuple[str, ...]]
+    cuda_graphs: ClassVar[bool]
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None when this backend can build and run engines on `device`, else why not (one sentence)."""
@@ -111,8 +112,10 @@ class Backend(Protocol):
     def build(self, job: BuildJob, out_dir: Path) -> list[str]:
         """Build the engine into `out_dir`; return the artifact file names written there."""
 
-    def load(self, entry_dir: Path, meta: Mapping[str, Any], device: torch.device) -> Engine:
-        """Load a built engine from a verified cache entry."""
+    def load(
+        self, entry_dir: Path, meta: Mapping[str, Any], device: torch.device, use_cuda_graph: bool = False
+    ) -> Engine:
+        """Load a built engine from a verified cache entry (`use_cuda_graph`: a runtime option, where supported)."""
 
 
 class CallableEngine:

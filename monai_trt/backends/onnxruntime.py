@@ -32,6 +32,7 @@ class OnnxRuntimeBackend:
     multi_profile: ClassVar[bool] = False
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "tf32", "fp16")
     refit_modes: ClassVar[tuple[str, ...]] = ("none", "identical", "refit")
+    cuda_graphs: ClassVar[bool] = False
     default_build_args: ClassVar[Mapping[str, Any]] = {
         "graph_optimization_level": "all",
         "intra_op_num_threads": 0,
@@ -66,7 +67,9 @@ class OnnxRuntimeBackend:
         self._session(str(out_dir / MODEL), job.build_args, job.device)
         return files
 
-    def load(self, entry_dir: Path, meta: Mapping[str, Any], device: torch.device) -> Engine:
+    def load(
+        self, entry_dir: Path, meta: Mapping[str, Any], device: torch.device, use_cuda_graph: bool = False
+    ) -> Engine:
         if meta.get("refit", "none") != "none":
             return _RefittableOrt(onnx.load(str(entry_dir / MODEL)), meta["build_args"], device)
         return _OrtEngine(self._session(str(entry_dir / MODEL), meta["build_args"], device), device)

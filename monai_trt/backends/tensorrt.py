@@ -59,6 +59,7 @@ class TensorRTBackend:
     multi_profile: ClassVar[bool] = True
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "tf32", "fp16", "bf16")
     refit_modes: ClassVar[tuple[str, ...]] = tuple(_REFIT_FLAGS)
+    cuda_graphs: ClassVar[bool] = True
     default_build_args: ClassVar[Mapping[str, Any]] = {
         "builder_optimization_level": 3,  # TensorRT's default; 0 (fast build) .. 5 (slow build, fast engine)
         "precision_constraints": "obey",  # TensorRT 10, fp16/bf16: obey | prefer | none
@@ -68,7 +69,6 @@ class TensorRTBackend:
         "timing_cache": True,  # persist the tactic timing cache under <cache>/timing/
         "hardware_compatibility": "none",  # none | ampere_plus | same_compute_capability
         "version_compatible": False,
-        "use_cuda_graph": False,  # capture launches in CUDA graphs (inputs must be static buffers)
     }
 
     def unavailable_reason(self, device: torch.device) -> str | None:
@@ -107,12 +107,14 @@ class TensorRTBackend:
         (out_dir / PLAN).write_bytes(plan)
         return [PLAN]
 
-    def load(self, entry_dir: Path, meta: Mapping[str, Any], device: torch.device) -> Engine:
+    def load(
+        self, entry_dir: Path, meta: Mapping[str, Any], device: torch.device, use_cuda_graph: bool = False
+    ) -> Engine:
         """Deserialize `engine.plan`, refuse it if weights are missing, and wrap it for calls."""
         args = meta["build_args"]
         return TensorRTEngine(
             trt, (entry_dir / PLAN).read_bytes(), meta["io"]["names"], device,
-            use_cuda_graph=bool(args.get("use_cuda_graph", False)),
+            use_cuda_graph=use_cuda_graph,
             host_code_allowed=bool(args.get("version_compatible", False)),
             stripped=meta.get("refit", "none") != "none",
         )

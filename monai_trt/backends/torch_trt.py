@@ -43,6 +43,7 @@ class TorchTensorRTBackend:
     multi_profile: ClassVar[bool] = False
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "tf32", "fp16", "bf16")
     refit_modes: ClassVar[tuple[str, ...]] = ("none",)
+    cuda_graphs: ClassVar[bool] = False
     default_build_args: ClassVar[Mapping[str, Any]] = {
         "min_block_size": 5,
         "optimization_level": 3,
@@ -92,7 +93,9 @@ class TorchTensorRTBackend:
         )
         return [ARTIFACT]
 
-    def load(self, entry_dir: Path, meta: Mapping[str, Any], device: torch.device) -> Engine:
+    def load(
+        self, entry_dir: Path, meta: Mapping[str, Any], device: torch.device, use_cuda_graph: bool = False
+    ) -> Engine:
         """Load `engine.pt2` through Torch-TensorRT's own loader."""
         loader = getattr(torch_tensorrt, "load", None) or torch.export.load
         with on_device(device):
