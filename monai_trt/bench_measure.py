@@ -3,7 +3,6 @@ end-to-end bundle runs, and the machine description."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
 import math
@@ -15,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from monai_trt.bench_startup import MARKER
 
 __all__ = [
     "sync", "timed", "peak_memory", "reset_peak_memory", "compare_outputs_to", "summarize_accuracy", "startup_probe",
-    "run_bundle", "machine_info", "precision_flags",
+    "run_bundle", "machine_info",
 ]
 
 
@@ -60,17 +59,6 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory(device: torch.device) -> int | None:
     """Peak bytes allocated by PyTorch's CUDA allocator since the last reset (None on CPU)."""
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-
-
-@contextlib.contextmanager
-def precision_flags(tf32: bool) -> Iterator[None]:
-    """TF32 for CUDA matmuls and cuDNN convolutions on or off, restored on exit."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 # -------------------------------------------------------------------------------------------------------- accuracy

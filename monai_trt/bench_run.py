@@ -21,7 +21,6 @@ from monai_trt.backends import BACKENDS, get_backend
 from monai_trt.bench_measure import (
     compare_outputs_to,
     peak_memory,
-    precision_flags,
     reset_peak_memory,
     run_bundle,
     startup_probe,
@@ -30,6 +29,7 @@ from monai_trt.bench_measure import (
     timed,
 )
 from monai_trt.bench_workload import Workload
+from monai_trt.export import tf32_enabled
 from monai_trt.cli_bundle import CliError
 from monai_trt.hook import apply, remove, wrappers
 from monai_trt.spec import PRECISIONS
@@ -132,7 +132,7 @@ class Clock:
 
 @contextlib.contextmanager
 def _eager_context(mode: Mode, device: torch.device) -> Iterator[None]:
-    with precision_flags(mode.name == "tf32"), torch.no_grad():
+    with tf32_enabled(mode.name == "tf32"), torch.no_grad():
         if mode.name == "amp":
             with torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16):
                 yield
@@ -188,7 +188,7 @@ def _measure(work: Workload, mode: Mode, repeats: int, warmup: int) -> tuple[dic
 
 @contextlib.contextmanager
 def _engine_context() -> Iterator[None]:
-    with precision_flags(False), torch.no_grad():
+    with tf32_enabled(False), torch.no_grad():
         yield
 
 

@@ -109,7 +109,8 @@ def dynamic_shapes(job: BuildJob) -> dict[str, tuple[dict[int, Any], ...]]:
 
 
 @contextlib.contextmanager
-def _tf32(enabled: bool) -> Iterator[None]:
+def tf32_enabled(enabled: bool) -> Iterator[None]:
+    """TF32 for CUDA matmuls and cuDNN convolutions on or off, restored on exit."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     try:
@@ -121,7 +122,7 @@ def _tf32(enabled: bool) -> Iterator[None]:
 def export_program(job: BuildJob) -> torch.export.ExportedProgram:
     """torch.export the job's adapter with its dynamic dimensions."""
     strict = bool(job.export_args.get("strict", False))
-    with torch.no_grad(), _tf32(job.precision == "tf32"):
+    with torch.no_grad(), tf32_enabled(job.precision == "tf32"):
         return torch.export.export(
             job.module, trace_examples(job), dynamic_shapes=dynamic_shapes(job), strict=strict
         )

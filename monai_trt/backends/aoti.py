@@ -121,7 +121,10 @@ class AotiBackend:
                 "aot_inductor.package_constants_in_so": False,
                 "aot_inductor.use_runtime_constant_folding": True,
             })
-            constants = {k: v.detach().cpu() for k, v in program.constants.items() if isinstance(v, torch.Tensor)}
+            constants = {  # lifted tensor constants; non-persistent buffers are there too, but they are weights
+                k: v.detach().cpu() for k, v in program.constants.items()
+                if isinstance(v, torch.Tensor) and k not in job.weight_names
+            }
             if constants:
                 torch.save(constants, out_dir / CONSTANTS)
                 artifacts.append(CONSTANTS)
@@ -161,7 +164,7 @@ class _RefittableAoti(CallableEngine):
         missing = sorted(self._names - set(weights))
         if missing:
             raise EngineBuildError(f"refit: {len(missing)} weights the engine needs are missing, e.g. {missing[:3]}")
-        update = {**{n: weights[n].detach().to(self._device) for n in self._names}, **self._constants}
+        update = {**self._constants, **{n: weights[n].detach().to(self._device) for n in self._names}}
         self._runner.load_constants(update, check_full_update=True)
         self._loaded = True
 
