@@ -174,18 +174,21 @@ class EngineWrapper:
                 if loaded.fingerprint == current:
                     kept.append(loaded)
                 elif loaded.refit_mode == "refit":
-                    self._refit(loaded, call, current)
+                    self._refit(loaded, call, torch.device(layout.device), current)
                     kept.append(loaded)
                 else:
                     logger.info("%s: weights changed; engine %s (weights baked in or refit identical) is dropped",
                                 self.entry.describe(), loaded.entry.path)
             self._engines[layout] = kept
 
-    def _refit(self, loaded: LoadedEngine, call: CapturedCall, current: str) -> None:
-        """Give a weight-less engine the module's current weights; it is validated again on its next use."""
+    def _refit(self, loaded: LoadedEngine, call: CapturedCall, device: torch.device, current: str) -> None:
+        """Give a weight-less engine (on `device`) the module's current weights; validated again on its next use.
+
+        `call` only builds the graph adapter whose parameter names the engine uses; they do not depend on it.
+        """
         start = time.perf_counter()
         loaded.fingerprint = None
-        backend, _ = self._backend(torch.device(call.layout.device))
+        backend, _ = self._backend(device)
         weights = engine_weights(self.module, self.original, call, backend.graph_precision(self.entry.precision))
         loaded.engine.refit(weights)
         loaded.fingerprint = current
@@ -262,7 +265,7 @@ class EngineWrapper:
         loaded = self._load(cache, entry, backend, device, weights if refit == "none" else None)
         clock.lap("load")
         if refit != "none":
-            self._refit(loaded, call, weights)
+            self._refit(loaded, call, device, weights)
             clock.lap("refit")
         cache.record_use(entry)
         self._check(loaded, call, args, kwargs, autocast, reference)
