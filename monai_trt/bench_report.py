@@ -96,6 +96,10 @@ def _notes(results: Mapping[str, Any]) -> list[str]:
         if row.get("status") in ("error", "skipped"):
             why = row.get("error") or row.get("reason") or ""
             notes.append(f"- `{name}` {row['status']}: {why.splitlines()[0] if why else ''}"[:400])
+        calls = row.get("calls") or {}
+        if calls.get("pytorch"):
+            notes.append(f"- `{name}`: {calls['pytorch']} of {calls['pytorch'] + calls.get('engine', 0)} patched calls "
+                         "ran in PyTorch (a shape outside the engine's range?), so its timings are partly eager")
         for phase in ("e2e", "startup"):
             info = row.get(phase)
             if isinstance(info, Mapping) and info.get("status") not in ("ok", None) and (

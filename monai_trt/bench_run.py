@@ -284,10 +284,14 @@ def _run_mode(work: Workload, mode: Mode, out: Path, settings: dict[str, Any], r
         clock.log(f"{mode.name}: first call {row['build']['first_call_s']:.1f} s (engine build "
                   f"{row['build']['engine_build_s']:.1f} s, {len(engines)} engine(s))")
     try:
+        for wrapper in wrappers(work.network).values():
+            wrapper.calls.update(engine=0, pytorch=0)
         measured, outputs = _measure(work, mode, settings["repeats"], settings["warmup"])
         row.update(measured)
         if mode.kind == "engine":
             row["build"]["engines"] = _engines_of(work)  # a smaller last window batch may have added one
+            served = [w.calls for w in wrappers(work.network).values()]
+            row["calls"] = {k: sum(c[k] for c in served) for k in ("engine", "pytorch")}
     finally:
         remove(work.network)
         if work.device.type == "cuda":

@@ -98,6 +98,7 @@ class EngineWrapper:
         self._warned: set[str] = set()
         self.disabled: str | None = None
         self.builds = 0
+        self.calls = {"engine": 0, "pytorch": 0}  # how this process's calls were served (e.g. for `bench`)
 
     @property
     def engines(self) -> dict[Any, list[LoadedEngine]]:
@@ -107,20 +108,22 @@ class EngineWrapper:
     # ------------------------------------------------------------------ call path
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.disabled or self.module.training or torch.compiler.is_compiling() or torch.jit.is_scripting():
-            return self.original(*args, **kwargs)
+            return self._pytorch(args, kwargs)
         try:
             call = capture_call(self._signature, args, kwargs, self._input_float_dtype)
         except UnsupportedCall as err:
             self._warn_once(f"call:{err}", "%s: this call runs in PyTorch: %s", self.entry.describe(), err)
-            return self.original(*args, **kwargs)
+            return self._pytorch(args, kwargs)
         autocast = torch.is_autocast_enabled(torch.device(call.layout.device).type)
         try:
             loaded = self._engine_for(call, args, kwargs, autocast)
             if loaded is None:
-                return self.original(*args, **kwargs)
+                return self._pytorch(args, kwargs)
             with _no_autocast(call.layout.device, autocast):
                 outputs = loaded.run(call.tensors)
-            return loaded.restore(outputs, autocast)
+            result = loaded.restore(outputs, autocast)
+            self.calls["engine"] += 1
+            return result
         except _CallerError as err:
             raise err.__cause__ from None  # PyTorch itself rejects these inputs: the caller's error, not the engine's
         except MonaiTrtError as err:
@@ -133,6 +136,10 @@ class EngineWrapper:
             raise err from (cause or err.__cause__)
         self.disabled = str(err)
         logger.warning("%s: engine disabled, falling back to PyTorch: %s", self.entry.describe(), err)
+        return self._pytorch(args, kwargs)
+
+    def _pytorch(self, args: Any, kwargs: Any) -> Any:
+        self.calls["pytorch"] += 1
         return self.original(*args, **kwargs)
 
     def _warn_once(self, cause: str, msg: str, *args: Any) -> None:

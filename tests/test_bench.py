@@ -61,6 +61,7 @@ def test_bench_bundle_writes_json_markdown_and_chart(tmp_path, capsys):
     assert len(row["sliding_window"]["samples_s"]) == 2 and row["sliding_window"]["median_s"] > 0
     assert row["build"]["engine_build_s"] > 0 and row["build"]["engines"][0]["method"] == "onnxruntime"
     assert row["peak_mem_bytes"] is None  # CPU
+    assert row["calls"]["engine"] > 0 and row["calls"]["pytorch"] == 0  # every timed call was served by the engine
     # fp32 engine against eager fp32 (computed untimed because fp32 is not among the modes): near perfect
     vs_fp32 = row["accuracy"]["vs_fp32"]
     assert vs_fp32["dice"] >= 0.99 and vs_fp32["rel_l2"] < 1e-3 and vs_fp32["hd95"] is not None

@@ -307,3 +307,10 @@ def test_dynamic_batch_leaves_inputs_without_the_batch_dim_as_observed(cache_dir
         x = torch.randn(batch, 2, 6, 6)
         torch.testing.assert_close(run(net, x, t), reference(net, x, t), rtol=1e-4, atol=1e-5)
     assert len(entries(cache_dir)) == 1 and "runs in PyTorch" not in trt_logs.text()
+
+
+def test_calls_count_how_each_call_was_served(cache_dir):
+    net = monai_trt.apply(TinySeg().eval(), [{**ORT, "dynamic_batchsize": [1, 2, 2]}])
+    for batch in (2, 1, 3):  # 3 lies outside the engine's range: PyTorch
+        run(net, torch.randn(batch, 1, 8, 8, 8))
+    assert monai_trt.wrappers(net)[""].calls == {"engine": 2, "pytorch": 1}
