@@ -17,7 +17,7 @@ from torch import nn
 from monai_trt.calls import CapturedCall
 from monai_trt.export import FlatForward, precision_module
 
-__all__ = ["REFIT_EXPORT_ARGS", "engine_weights", "is_refittable"]
+__all__ = ["REFIT_EXPORT_ARGS", "engine_weights", "graph_weights", "is_refittable"]
 
 # The ONNX exporter's optimizer folds weights into new, unnamed constants (e.g. batch norm into "view"); a graph
 # whose weights are to be swapped must keep every weight as its own named initializer.
@@ -25,7 +25,14 @@ REFIT_EXPORT_ARGS: dict[str, Any] = {"optimize": False}
 
 
 def is_refittable(engine: Any) -> bool:
-    return callable(getattr(engine, "refit", None)) and callable(getattr(engine, "weight_names", None))
+    return callable(getattr(engine, "refit", None))
+
+
+def graph_weights(graph: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of the graph adapter (tied and non-persistent ones too), by exported name."""
+    named = dict(graph.named_parameters(remove_duplicate=False))
+    named.update(graph.named_buffers(remove_duplicate=False))
+    return {name: tensor.detach() for name, tensor in named.items()}
 
 
 def engine_weights(
@@ -40,7 +47,4 @@ def engine_weights(
         graph_precision: the precision the backend's graph carries (fp16/bf16 graphs hold cast weights).
     """
     clone, clone_forward = precision_module(module, forward, graph_precision)
-    graph = FlatForward(clone, clone_forward, call)
-    named = dict(graph.named_parameters(remove_duplicate=False))
-    named.update(graph.named_buffers(remove_duplicate=False))
-    return {name: tensor.detach() for name, tensor in named.items()}
+    return graph_weights(FlatForward(clone, clone_forward, call))

@@ -28,7 +28,7 @@ from monai_trt.export import DEFAULT_EXPORT_ARGS, FlatForward, precision_module
 from monai_trt.keys import WeightsHasher, architecture_fingerprint, device_info, engine_key, platform_info
 from monai_trt.profiles import plan_profiles, profile_accepts
 from monai_trt.progress import report
-from monai_trt.refit import REFIT_EXPORT_ARGS, engine_weights, is_refittable
+from monai_trt.refit import REFIT_EXPORT_ARGS, engine_weights, graph_weights, is_refittable
 from monai_trt.spec import PatchEntry
 from monai_trt.validate import compare_outputs
 
@@ -305,17 +305,17 @@ class EngineWrapper:
             built.append(True)
             start = time.perf_counter()
             report(label, "export")
-            graph_precision = backend.graph_precision(self.entry.precision)
-            module, forward = precision_module(self.module, self.original, graph_precision)
-            weight_names = frozenset(engine_weights(self.module, self.original, call, graph_precision))
+            module, forward = precision_module(self.module, self.original, backend.graph_precision(self.entry.precision))
+            graph = FlatForward(module, forward, call).eval()
+            refit = self.entry.refit
             job = BuildJob(
-                module=FlatForward(module, forward, call).eval(),
+                module=graph,
                 example_inputs=tuple(call.tensors),
                 input_names=call.layout.names,
                 output_names=self.entry.output_names or tuple(f"output_{i}" for i in range(len(leaves))),
                 profiles=tuple(profiles), precision=self.entry.precision, build_args=build_args,
                 export_args=export_args, device=torch.device(call.layout.device), label=label, cache_root=cache.root,
-                refit=self.entry.refit, weight_names=weight_names if self.entry.refit != "none" else frozenset(),
+                refit=refit, weight_names=frozenset(graph_weights(graph)) if refit != "none" else frozenset(),
             )
             with torch.no_grad():
                 artifacts = backend.build(job, tmp)

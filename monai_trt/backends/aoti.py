@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from monai_trt.backends.base import BuildJob, CallableEngine, Engine
+from monai_trt.backends.base import UNREFITTED, BuildJob, CallableEngine, Engine, require_weights
 from monai_trt.errors import EngineBuildError
 from monai_trt.progress import report
 from monai_trt.export import export_program
@@ -149,26 +149,20 @@ class _RefittableAoti(CallableEngine):
 
     def __init__(self, runner: Any, constants: Mapping[str, torch.Tensor], device: torch.device) -> None:
         super().__init__(runner)
-        self._runner = runner
         expected = set(runner.get_constant_fqns())
         self._constants = {k: v for k, v in constants.items() if k in expected}  # the rest was folded at build
         self._device = device
         self._names = frozenset(n for n in expected if not n.startswith(_FOLDED) and n not in self._constants)
         self._loaded = False
 
-    def weight_names(self) -> frozenset[str]:
-        return self._names
-
     def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
         self._loaded = False
-        missing = sorted(self._names - set(weights))
-        if missing:
-            raise EngineBuildError(f"refit: {len(missing)} weights the engine needs are missing, e.g. {missing[:3]}")
+        require_weights(self._names, weights)
         update = {**self._constants, **{n: weights[n].detach().to(self._device) for n in self._names}}
-        self._runner.load_constants(update, check_full_update=True)
+        self._function.load_constants(update, check_full_update=True)
         self._loaded = True
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if not self._loaded:
-            raise EngineBuildError("this engine was built without weights and has not been refitted")
+            raise EngineBuildError(UNREFITTED)
         return super().__call__(inputs)

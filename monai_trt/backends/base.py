@@ -10,9 +10,12 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from monai_trt.errors import PatchError
+from monai_trt.errors import EngineBuildError, PatchError
 
-__all__ = ["BuildJob", "Backend", "Engine", "RefittableEngine", "CallableEngine", "Profile", "merge_build_args"]
+__all__ = [
+    "BuildJob", "Backend", "Engine", "RefittableEngine", "CallableEngine", "Profile", "merge_build_args",
+    "require_weights", "UNREFITTED",
+]
 
 # One optimisation profile: per input, (min_shape, opt_shape, max_shape).
 Profile = tuple[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]
@@ -68,18 +71,19 @@ class Engine(Protocol):
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
 
 
+UNREFITTED = "this engine was built without weights and has not been refitted"
+
+
 class RefittableEngine(Engine, Protocol):
-    """An engine built without weights (`refit` identical/refit): it runs only after :meth:`refit`.
+    """An engine built without weights (`refit` identical/refit): it runs only after :meth:`refit` (else it raises
+    EngineBuildError(UNREFITTED)).
 
     Weights are named as in the exported graph (the module's parameter and buffer names under the graph adapter),
     in the graph's dtype.
     """
 
-    def weight_names(self) -> frozenset[str]:
-        """Every weight the engine needs."""
-
     def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Load `weights` (a superset of :meth:`weight_names`) into the engine.
+        """Load `weights` (a superset of the weights the engine names) into the engine.
 
         Raises:
             EngineBuildError: a needed weight is missing or does not fit; the engine must not be run.
@@ -130,6 +134,17 @@ class CallableEngine:
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         outputs = self._function(*inputs)
         return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+def require_weights(needed: set[str] | frozenset[str], weights: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a partial refit: every weight the engine names must be in `weights`.
+
+    Raises:
+        EngineBuildError: naming how many are missing and a few of them.
+    """
+    missing = sorted(set(needed) - set(weights))
+    if missing:
+        raise EngineBuildError(f"refit: {len(missing)} weights the engine needs are missing, e.g. {missing[:3]}")
 
 
 def merge_build_args(backend: Backend, user: Mapping[str, Any], strict: bool = True) -> dict[str, Any]:

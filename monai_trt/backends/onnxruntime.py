@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from monai.utils import optional_import
 
-from monai_trt.backends.base import BuildJob, Engine
+from monai_trt.backends.base import UNREFITTED, BuildJob, Engine, require_weights
 from monai_trt.errors import EngineBuildError
 from monai_trt.progress import report
 from monai_trt.export import export_onnx
@@ -58,11 +58,9 @@ class OnnxRuntimeBackend:
 
     def build(self, job: BuildJob, out_dir: Path) -> list[str]:
         files = export_onnx(job, str(out_dir / MODEL))
-        if job.refit != "none":
-            files = _strip_weights(out_dir, files, job.weight_names)
-            report(job.label, "engine build (ONNX Runtime session)")
-            return files  # the session is created, and checked, when the weights arrive
         report(job.label, "engine build (ONNX Runtime session)")
+        if job.refit != "none":  # the session is created, and checked, when the weights arrive
+            return _strip_weights(out_dir, files, job.weight_names)
         # Check the session can be created here, so a graph ORT rejects fails the build, not the first call.
         self._session(str(out_dir / MODEL), job.build_args, job.device)
         return files
@@ -124,14 +122,9 @@ class _RefittableOrt:
         self._names = frozenset(used - known - {o for node in graph.graph.node for o in node.output} - {""})
         self._engine: _OrtEngine | None = None
 
-    def weight_names(self) -> frozenset[str]:
-        return self._names
-
     def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
         self._engine = None
-        missing = sorted(self._names - set(weights))
-        if missing:
-            raise EngineBuildError(f"refit: {len(missing)} weights the engine needs are missing, e.g. {missing[:3]}")
+        require_weights(self._names, weights)
         model = onnx.ModelProto()
         model.CopyFrom(self._graph)
         arrays = {name: _to_numpy(weights[name]) for name in sorted(self._names)}
@@ -143,7 +136,7 @@ class _RefittableOrt:
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if self._engine is None:
-            raise EngineBuildError("this engine was built without weights and has not been refitted")
+            raise EngineBuildError(UNREFITTED)
         return self._engine(inputs)
 
 

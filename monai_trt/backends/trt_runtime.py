@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from monai_trt.backends.base import UNREFITTED, require_weights
 from monai_trt.errors import BackendUnavailable, EngineBuildError
 
 __all__ = [
@@ -243,11 +244,6 @@ class TensorRTEngine:
         self._graph = _Graph() if use_cuda_graph else None
         self._refitted = not stripped
 
-    def weight_names(self) -> frozenset[str]:
-        """Names of the engine's refittable weights (the ONNX initializer names)."""
-        refitter = require(self._trt, "Refitter", lambda: self._trt.Refitter(self._engine, trt_logger(self._trt)))
-        return frozenset(require(self._trt, "Refitter.get_all_weights", refitter.get_all_weights))
-
     def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Set every refittable weight from `weights` by name, refit, and check that none is missing.
 
@@ -258,10 +254,8 @@ class TensorRTEngine:
         self._refitted = False
         log = trt_logger(trt)
         refitter = require(trt, "Refitter", lambda: trt.Refitter(self._engine, log))
-        names = set(require(trt, "Refitter.get_all_weights", refitter.get_all_weights))
-        missing = sorted(names - set(weights))
-        if missing:
-            raise EngineBuildError(f"refit: {len(missing)} weights the engine needs are missing, e.g. {missing[:3]}")
+        names = set(require(trt, "Refitter.get_all_weights", refitter.get_all_weights))  # ONNX initializer names
+        require_weights(names, weights)
         host = {name: weights[name].detach().cpu().contiguous() for name in sorted(names)}  # alive until refit
         for name, tensor in host.items():
             if not refitter.set_named_weights(name, trt_weights(trt, tensor)):
@@ -283,7 +277,7 @@ class TensorRTEngine:
             RuntimeError: TensorRT rejected a binding or the launch.
         """
         if not self._refitted:
-            raise EngineBuildError("this engine was built without weights and has not been refitted")
+            raise EngineBuildError(UNREFITTED)
         if len(inputs) != self._n_inputs:
             raise ValueError(f"the engine takes {self._n_inputs} inputs, got {len(inputs)}")
         bound = [(name, inputs[i]) for i, name in self._inputs]
