@@ -200,3 +200,14 @@ def test_process_killed_mid_build_leaves_nothing_visible_and_rerun_builds(cache_
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     assert len(list((root / "entries").iterdir())) == 1
     assert list((root / "tmp").iterdir()) == []
+
+
+def test_meta_whose_key_inputs_do_not_hash_to_the_key_is_refused(tmp_path):
+    """An entry filed under a key its own recorded inputs (weights, versions, device...) do not produce."""
+    cache = EngineCache.open(tmp_path / "c")
+    entry = cache.build(KEY, INPUTS, build_ok)
+    meta = json.loads((entry.path / "meta.json").read_text())
+    meta["key_inputs"] = {"x": 2}  # e.g. an engine of other weights copied under this key
+    (entry.path / "meta.json").write_text(json.dumps(meta))
+    assert cache.lookup(KEY) is None
+    assert len(list((tmp_path / "c" / "quarantine").iterdir())) == 1
