@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def networks() -> dict:
-    from monai.networks.nets import UNet, SwinUNETR  # noqa: PLC0415
+    from monai.networks.nets import SwinUNETR, UNet
 
     return {
         "spheres_unet": (lambda: UNet(3, 1, 2, (16, 32, 64, 128), (2, 2, 2), num_res_units=2), (4, 1, 64, 64, 64)),
@@ -54,7 +54,7 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_one(name: str, method: str, precision: str, seed: int, cache: str) -> dict:
-    import monai_trt  # noqa: PLC0415
+    import monai_trt
 
     make, shape = networks()[name]
     torch.manual_seed(0)
@@ -104,10 +104,10 @@ def main() -> None:
         for role, seed in (("build", 1), ("fresh_process", 2)):
             start = time.perf_counter()
             done = subprocess.run(cmd + ["--child", f"{name},{seed},{cache}"], capture_output=True, text=True)
-            lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             row = json.loads(lines[-1][7:]) if lines else {"network": name, "error": done.stderr[-2000:]}
             row.update(role=role, process_wall_s=round(time.perf_counter() - start, 1),
-                       log=[l for l in done.stdout.splitlines() if "monai_trt" in l][-6:])
+                       log=[line for line in done.stdout.splitlines() if "monai_trt" in line][-6:])
             results.append(row)
             print(json.dumps(row), flush=True)
     with open(args.out, "w") as f:

@@ -1,6 +1,6 @@
-"""`python -m monai_trt <command>`: see :mod:`monai_trt.cli`."""
+"""`python -m monai_trt <command>`: see :mod:`monai_trt.cli.main`."""
 
-from monai_trt.cli import main
+from monai_trt.cli.main import main
 
 if __name__ == "__main__":
     main()

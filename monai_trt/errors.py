@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["MonaiTrtError", "PatchError", "BackendUnavailable", "EngineBuildError", "CacheError"]
+__all__ = ["MonaiTrtError", "PatchError", "BackendUnavailable", "EngineBuildError", "CacheError", "UsageError"]
 
 
 class MonaiTrtError(RuntimeError):
@@ -23,3 +23,7 @@ class EngineBuildError(MonaiTrtError):
 
 class CacheError(MonaiTrtError):
     """A cache entry is unreadable, tampered with, or not usable on this machine."""
+
+
+class UsageError(MonaiTrtError):
+    """A command (`python -m monai_trt ...`) cannot proceed with what it was given; the message says what to change."""

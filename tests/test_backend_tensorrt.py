@@ -26,18 +26,13 @@ import pytest
 import torch
 
 import monai_trt
-import monai_trt.refit
+import monai_trt.runtime.refit
 from monai_trt.backends import tensorrt as trt_backend
-from monai_trt.backends.trt_runtime import (
-    MAX_GRAPH_RECAPTURES,
-    check_weights,
-    require,
-    set_flag,
-    torch_dtype,
-)
-from monai_trt.cache import EngineCache
+from monai_trt.backends.trt_runtime import MAX_GRAPH_RECAPTURES, check_weights, require, set_flag, torch_dtype
+from monai_trt.cache.keys import digest
+from monai_trt.cache.store import EngineCache
 from monai_trt.errors import BackendUnavailable, EngineBuildError, PatchError
-from monai_trt.keys import WeightsHasher, architecture_fingerprint, digest
+from monai_trt.runtime.stamps import WeightsHasher, architecture_fingerprint
 from tests.nets import MultiIO, TinySeg
 from tests.trt_double import DOUBLE_DIR, installed, real_tensorrt
 
@@ -95,7 +90,8 @@ def memo_export(monkeypatch, tmp_path_factory) -> None:
     def memoised(job, path: str) -> list[str]:
         key = digest({
             "weights": WeightsHasher(job.module).digest(), "architecture": architecture_fingerprint(job.module),
-            "call": job.module._call.layout.to_json(), "ranges": job.ranges, "names": [job.input_names, job.output_names],
+            "call": job.module._rebuild.__self__.layout.to_json(),  # the captured call whose `rebuild` it replays
+            "ranges": job.ranges, "names": [job.input_names, job.output_names],
             "export": dict(job.export_args),
         })
         if key not in _EXPORTS:
@@ -301,7 +297,8 @@ def test_trt11_half_precision_is_a_strongly_typed_cast_graph(double) -> None:
         expected = net(x)
         out = patched(net, precision="fp16")(x)
     record = build(double)
-    assert record["strongly_typed"] and record["network_flags"] == 1 << int(double.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    strongly_typed = 1 << int(double.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    assert record["strongly_typed"] and record["network_flags"] == strongly_typed
     assert record["flags"] == ["TF32"] and record["layer_precisions"] == {}
     assert record["inputs"] == {"x": "HALF"} and record["ops"].count("Cast") >= 2  # norm kept fp32 behind casts
     assert float((out - expected).norm() / expected.norm()) < 3e-2
@@ -335,7 +332,8 @@ def test_tf32_flag(double, precision, tf32) -> None:
 # ---------------------------------------------------------------------------------------------------- build options
 def test_build_args_reach_the_builder(double) -> None:
     args = {
-        "builder_optimization_level": 5, "workspace_size": 1 << 20, "memory_pool_limits": {"tactic_shared_memory": 4096},
+        "builder_optimization_level": 5, "workspace_size": 1 << 20,
+        "memory_pool_limits": {"tactic_shared_memory": 4096},
         "hardware_compatibility": "ampere_plus", "version_compatible": True,
     }
     net = seg()
@@ -378,7 +376,8 @@ def test_parser_errors_name_the_node_and_fall_back(double, trt_logs) -> None:
         assert torch.equal(patched(net, fallback=True)(x), expected)
         warning = trt_logs.text(logging.WARNING)
         assert "falling back to PyTorch" in warning and "'node_instance_norm' (InstanceNormalization)" in warning
-        with pytest.raises(EngineBuildError, match=r"node \d+ 'node_instance_norm' \(InstanceNormalization\): No importer"):
+        no_importer = r"node \d+ 'node_instance_norm' \(InstanceNormalization\): No importer"
+        with pytest.raises(EngineBuildError, match=no_importer):
             patched(seg(), precision="fp32")(x)
 
 
@@ -423,7 +422,7 @@ def test_timing_cache_is_merged_under_the_lock(double, cache_dir, monkeypatch) -
 def test_timing_cache_can_be_switched_off(double, cache_dir) -> None:
     with torch.no_grad():
         patched(seg(), precision="fp32", build_args={"timing_cache": False})(torch.randn(2, 1, 8, 8, 8))
-    assert not build(double)["timing_cache"] and not (Path(cache_dir) / "timing").exists()
+    assert not build(double)["timing_cache"] and not list((Path(cache_dir) / "timing").glob("*.cache"))
 
 
 # ---------------------------------------------------------------------------------------------------- refit, graphs
@@ -451,7 +450,7 @@ def test_stripped_plan_is_refused_until_refitted(double, cache_dir) -> None:
     engine = load_engine(cache_dir, torch.device("cpu"))
     with pytest.raises(EngineBuildError, match="has not been refitted"):
         engine([x])
-    weights = monai_trt.refit.engine_weights(seg(), seg().forward, None, "fp32")
+    weights = monai_trt.runtime.refit.engine_weights(seg(), seg().forward, "fp32")
     with pytest.raises(EngineBuildError, match="weights the engine needs are missing"):
         engine.refit({k: v for k, v in weights.items() if not k.endswith("head.bias")})
     engine.refit(weights)

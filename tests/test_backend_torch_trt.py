@@ -16,7 +16,7 @@ import torch
 
 import monai_trt
 from monai_trt.backends import torch_trt as torch_trt_backend
-from monai_trt.cache import EngineCache
+from monai_trt.cache.store import EngineCache
 from monai_trt.errors import PatchError
 from tests.nets import TinySeg
 from tests.trt_double import installed
@@ -30,7 +30,7 @@ def _real_torch_tensorrt() -> ModuleType | None:
         return None
     try:
         return importlib.import_module("torch_tensorrt")
-    except Exception:  # noqa: BLE001 - a broken install is "not available"
+    except Exception:  # a broken install is "not available"
         return None
 
 

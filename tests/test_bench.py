@@ -17,8 +17,8 @@ import pytest
 from monai_trt import cli
 from monai_trt.backends.aoti import AotiBackend
 from monai_trt.backends.onnxruntime import OnnxRuntimeBackend
-from monai_trt.bench import bench, plan_modes
-from monai_trt.cli_bundle import CliError
+from monai_trt.bench.command import bench, plan_modes
+from monai_trt.errors import UsageError
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "spheres_segmentation"
 # W1 at a size a 2-core CPU runs in a few seconds per volume (one window; the ROI must stay a multiple of 32, and
@@ -49,7 +49,7 @@ def test_bench_bundle_writes_json_markdown_and_chart(tmp_path, capsys):
              "inferer#sw_batch_size": 1})
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
-    assert results["schema"] == "monai_trt.bench/1"
+    assert results["schema"] == "monai_trt.bench.command/1"
     assert {"device", "gpu", "versions"} <= set(results["machine"])
     assert {"torch", "monai", "onnxruntime"} <= set(results["machine"]["versions"])
     assert results["workload"]["name"] == "Spheres segmentation"
@@ -106,7 +106,7 @@ def test_failing_engine_modes_are_recorded_and_the_bench_goes_on(tmp_path, monke
     monkeypatch.setattr(OnnxRuntimeBackend, "build", broken)
     monkeypatch.setattr(AotiBackend, "build", broken)
     out = tmp_path / "fail"
-    with pytest.raises(CliError, match="2 mode\\(s\\) failed: onnxruntime_fp32, aoti_fp32"):
+    with pytest.raises(UsageError, match="2 mode\\(s\\) failed: onnxruntime_fp32, aoti_fp32"):
         bench(workload="w1", workload_args=TINY_W1, out=str(out), modes="engines",
               methods="onnxruntime,aoti", precisions="fp32", repeats=1, warmup=0, skip_startup=True, quiet=True)
     results = json.loads((out / "results.json").read_text())

@@ -75,7 +75,7 @@ def test_switch_off_builds_nothing_and_agrees(runs, run):
 
 def test_trained_bundle_really_segments(runs):
     _, logs = runs
-    line = next(l for l in logs["on"].splitlines() if "val_mean_dice" in l)
+    line = next(text for text in logs["on"].splitlines() if "val_mean_dice" in text)
     assert float(line.rsplit(":", 1)[1]) > 0.9
 
 

@@ -21,7 +21,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.networks.nets import SwinUNETR
 
-from monai_trt.spec import parse_patch
+from monai_trt.patch.spec import parse_patch
 from tests.bundle_cli import ROOT, cache_entries, run_bundle
 
 BUNDLE = ROOT / "bundles" / "swin_unetr_btcv_segmentation"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from monai_trt.cache import EngineCache
-from monai_trt.keys import engine_key
+from monai_trt.cache.keys import engine_key
+from monai_trt.cache.store import EngineCache
 
 INPUTS = {"key_inputs": {"x": 1}}
 KEY = engine_key(INPUTS["key_inputs"])
@@ -131,7 +131,8 @@ RACER = textwrap.dedent(
 def test_four_processes_racing_on_one_cold_key_build_once(cache_dir):
     env = {**os.environ, "MONAI_TRT_CACHE": cache_dir, "PYTHONPATH": str(Path(__file__).parents[1])}
     procs = [
-        subprocess.Popen([sys.executable, "-c", RACER], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", RACER], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
         for _ in range(4)
     ]
     outs = [p.communicate(timeout=300) for p in procs]

@@ -23,13 +23,15 @@ import torch
 
 from monai_trt import cli
 from monai_trt.backends.onnxruntime import OnnxRuntimeBackend
-from monai_trt.cache import EngineCache
-from monai_trt.cli_build import plan_calls
-from monai_trt.cli_bundle import CliError, load_bundle
-from monai_trt.cli_cache import parse_size, scan
-from monai_trt.cli_progress import BuildLogEvents, Progress, report
-from monai_trt.hook import apply
-from monai_trt.keys import engine_key, platform_info
+from monai_trt.bundle.build import plan_calls
+from monai_trt.bundle.load import load_bundle
+from monai_trt.cache.inventory import parse_size, scan
+from monai_trt.cache.keys import engine_key, platform_info
+from monai_trt.cache.store import EngineCache
+from monai_trt.console import Progress
+from monai_trt.errors import UsageError
+from monai_trt.events import Event, emit, report
+from monai_trt.runtime.hook import apply
 
 CONFIGS = "['configs/inference.json','configs/inference_trt.json']"
 UNET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2], "num_res_units": 0}
@@ -102,7 +104,8 @@ def built(tmp_path_factory):
     """The bundle, built ahead of time by the real `python -m monai_trt build` (not a terminal: no progress)."""
     base = tmp_path_factory.mktemp("built")
     bundle, cache = make_bundle(base / "bundle"), base / "cache"
-    done = run_cli(["monai_trt", "build", "--bundle_root", str(bundle), "--config_file", CONFIGS, "--json"], cache, base)
+    args = ["monai_trt", "build", "--bundle_root", str(bundle), "--config_file", CONFIGS, "--json"]
+    done = run_cli(args, cache, base)
     assert done.returncode == 0, done.stderr
     return bundle, cache, done
 
@@ -142,7 +145,8 @@ def test_build_again_reports_cached_engine(built, cache_copy, capsys):
     cli.build(config_file=CONFIGS, bundle_root=str(bundle), quiet=False)
     out, err = capsys.readouterr()
     assert entry_dirs(cache_copy) == before
-    assert out.splitlines()[1].startswith(f"cached  {before[0].name[:12]}  <network>  onnxruntime  fp32  x:[1-4,1,16,16,16]")
+    row = f"cached  {before[0].name[:12]}  <network>  onnxruntime  fp32  x:[1-4,1,16,16,16]"
+    assert out.splitlines()[1].startswith(row)
     assert "already in the cache" in err and "calling network(image:[2, 1, 16, 16, 16]:float32)" in err
 
 
@@ -160,7 +164,7 @@ def test_build_input_profiles_builds_one_engine_per_profile(tmp_path, cache_dir,
 
 def test_build_reports_an_engine_that_disagrees_with_pytorch(tmp_path, trt_logs):
     patch = [{**PATCH[0], "tolerance": 1e-12}]  # no real engine is that exact: validation must reject it
-    with pytest.raises(CliError, match=r"some engines were not built:\n  .*'<network>'.*disagrees with PyTorch"):
+    with pytest.raises(UsageError, match=r"some engines were not built:\n  .*'<network>'.*disagrees with PyTorch"):
         cli.build(bundle_root=str(make_bundle(tmp_path / "b", patch=patch)))
     assert "engine disabled, falling back to PyTorch" in trt_logs.text(logging.WARNING)
 
@@ -174,7 +178,7 @@ def test_build_reports_an_engine_that_disagrees_with_pytorch(tmp_path, trt_logs)
 ])
 def test_build_names_the_metadata_field_to_add(tmp_path, cache_dir, metadata, message):
     bundle = make_bundle(tmp_path / "b", metadata=metadata)
-    with pytest.raises(CliError, match="metadata.json") as err:
+    with pytest.raises(UsageError, match="metadata.json") as err:
         cli.build(bundle_root=str(bundle))
     assert message in str(err.value)
     assert entry_dirs(cache_dir) == []
@@ -189,7 +193,7 @@ def test_spatial_shape_flag_overrides_symbolic_metadata(tmp_path):
 
 def test_build_without_checkpoint_says_the_run_weights_are_needed(tmp_path, cache_dir):
     bundle = make_bundle(tmp_path / "b", checkpoint=False)
-    with pytest.raises(CliError, match=r"models/model.pt not found: the cache key includes a hash of the weights"):
+    with pytest.raises(UsageError, match=r"models/model.pt not found: the cache key includes a hash of the weights"):
         cli.build(bundle_root=str(bundle))
 
 
@@ -210,13 +214,13 @@ def test_static_patch_uses_sw_batch_size_and_warns(tmp_path, trt_logs):
 
 
 def test_batch_outside_dynamic_batchsize_is_refused(tmp_path):
-    with pytest.raises(CliError, match=r"--batch 8 is outside .* dynamic_batchsize \[1, 4\]"):
+    with pytest.raises(UsageError, match=r"--batch 8 is outside .* dynamic_batchsize \[1, 4\]"):
         cli.build(bundle_root=str(make_bundle(tmp_path / "b")), batch=8)
 
 
 def test_missing_patch_section_says_what_to_add(tmp_path):
     bundle = make_bundle(tmp_path / "b")
-    with pytest.raises(CliError, match="no 'trt_patch'.*add the monai_trt patch"):
+    with pytest.raises(UsageError, match="no 'trt_patch'.*add the monai_trt patch"):
         cli.build(bundle_root=str(bundle), config_file="configs/inference.json")
 
 
@@ -250,7 +254,7 @@ def _alter_onnx_weights(entry: Path) -> None:
 def test_verify_fails_for_an_engine_that_disagrees(built, cache_copy, capsys):
     (entry,) = entry_dirs(cache_copy)
     _alter_onnx_weights(entry)
-    with pytest.raises(CliError, match="1 engine\\(s\\) disagree with PyTorch"):
+    with pytest.raises(UsageError, match="1 engine\\(s\\) disagree with PyTorch"):
         cli.verify(bundle_root=str(built[0]))
     out = capsys.readouterr().out
     assert out.startswith("RESULT") and "FAIL    " + entry.name[:12] in out and "relative L2 error" in out
@@ -261,7 +265,7 @@ def test_verify_skips_entries_built_from_other_weights(built, cache_copy, tmp_pa
 
     other = tmp_path / "other.pt"
     torch.save(UNet(**UNET).state_dict(), other)
-    with pytest.raises(CliError, match="nothing was verified"):
+    with pytest.raises(UsageError, match="nothing was verified"):
         cli.verify(bundle_root=str(built[0]), ckpt=str(other))
     assert "SKIP" in capsys.readouterr().out
 
@@ -302,7 +306,8 @@ def test_ls_explains_entries_not_loadable_here(cache_dir, capsys):
     bad = fake_entry(root, "bad")
     (bad / "model.onnx").write_bytes(b"tampered")
     status = {e.path: (e.status, e.reason) for e in scan(root)}
-    assert status[old] == ("stale", f"onnxruntime 0.0.1 in entry, {OnnxRuntimeBackend().versions()['onnxruntime']} here")
+    here = OnnxRuntimeBackend().versions()["onnxruntime"]
+    assert status[old] == ("stale", f"onnxruntime 0.0.1 in entry, {here} here")
     assert status[gpu][0] == "stale" and "sm 0.1" in status[gpu][1]
     assert status[bad] == ("refused", "artifact model.onnx does not match its sha256 (corrupt or tampered)")
     cli.ls()
@@ -382,21 +387,17 @@ def test_main_prints_one_error_line_and_exits_1(monkeypatch, tmp_path, capsys):
 
 def test_progress_shows_phases_elapsed_and_a_bar_when_reported():
     stream = io.StringIO()
-    wrapper_log = logging.getLogger("monai_trt.wrapper")
-    with Progress(enabled=True, stream=stream) as progress:
-        handler = BuildLogEvents(progress)
-        wrapper_log.addHandler(handler)
-        try:
-            wrapper_log.info("%s: building %s engine for inputs %s (key %s)...", "net", "onnxruntime", "x", "abc")
-            report("net", "engine build", 3, 10)
-            time.sleep(0.6)  # one tick of the elapsed-time refresh
-            wrapper_log.info("%s: engine ready in %.1f s at %s", "net", 1.0, "/c/entries/abc")
-        finally:
-            wrapper_log.removeHandler(handler)
+    with Progress(enabled=True, stream=stream):
+        emit(Event("net", "phase", phase="building onnxruntime engine"))
+        report("net", "engine build", 3, 10)
+        time.sleep(0.6)  # one tick of the elapsed-time refresh
+        emit(Event("net", "built", detail={"path": "/c/entries/abc"}))
+        emit(Event("other", "cache_hit"))
     text = stream.getvalue()
     assert "net: building onnxruntime engine" in text
     assert "net: engine build" in text and " 30%" in text
     assert "net: engine saved [" in text
+    assert "other: already in the cache" in text
 
 
 def test_progress_disabled_writes_nothing():

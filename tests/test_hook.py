@@ -48,7 +48,10 @@ def test_apply_twice_does_not_double_wrap_and_new_patch_replaces():
 
 def test_remove_restores_a_previous_instance_forward():
     net = TinySeg()
-    custom = lambda x: torch.zeros(1)  # noqa: E731
+
+    def custom(x):
+        return torch.zeros(1)
+
     net.forward = custom
     monai_trt.apply(net, [ORT])
     monai_trt.remove(net)
@@ -74,7 +77,8 @@ def test_env_switch_overrides_enabled(monkeypatch):
 
 
 def test_unknown_submodule_lists_nearest_names():
-    with pytest.raises(PatchError, match=r"submodule 'decoder.haed' not found in Composite; nearest valid names: \['decoder.head'"):
+    expected = r"submodule 'decoder.haed' not found in Composite; nearest valid names: \['decoder.head'"
+    with pytest.raises(PatchError, match=expected):
         monai_trt.apply(Composite(), [{"submodule": "decoder.haed"}])
 
 
@@ -87,7 +91,8 @@ def test_bad_input_leaves_network_untouched():
 
 
 def test_unknown_build_arg_lists_accepted_keys():
-    with pytest.raises(PatchError, match=r"build_args \['workspace'\] are not accepted by method 'onnxruntime'; accepted keys: \["):
+    expected = r"build_args \['workspace'\] are not accepted by method 'onnxruntime'; accepted keys: \["
+    with pytest.raises(PatchError, match=expected):
         monai_trt.apply(TinySeg(), [{**ORT, "build_args": {"workspace": 1}}])
 
 

@@ -73,7 +73,7 @@ def test_another_process_with_other_weights_reuses_the_entry(method, cache_dir, 
     first = monai_trt.apply(BatchNormSeg(seed=1).eval(), patch(method))
     run(first, x)
     second = monai_trt.apply(BatchNormSeg(seed=3).eval(), patch(method))
-    monai_trt.wrapper._CACHES.clear()  # as a new process would
+    monai_trt.runtime.lifecycle._CACHES.clear()  # as a new process would
     torch.testing.assert_close(run(second, x), reference(second, x), rtol=1e-4, atol=1e-5)
     (wrapper,) = monai_trt.wrappers(second).values()
     assert wrapper.builds == 0 and len(entries(cache_dir)) == 1
@@ -109,15 +109,15 @@ def test_identical_rebuilds_for_other_weights(method, cache_dir, x, trt_logs):
 @pytest.mark.parametrize("method", METHODS)
 def test_engine_missing_a_weight_is_never_run(method, x, monkeypatch, trt_logs):
     run(monai_trt.apply(BatchNormSeg(seed=1).eval(), patch(method)), x)  # builds the entry
-    real = monai_trt.wrapper.engine_weights
+    real = monai_trt.runtime.lifecycle.engine_weights
 
     def drop_one(*args, **kwargs):
         weights = real(*args, **kwargs)
         weights.pop(sorted(weights)[0])
         return weights
 
-    monkeypatch.setattr(monai_trt.wrapper, "engine_weights", drop_one)
-    monai_trt.wrapper._CACHES.clear()  # as a new process would
+    monkeypatch.setattr(monai_trt.runtime.lifecycle, "engine_weights", drop_one)
+    monai_trt.runtime.lifecycle._CACHES.clear()  # as a new process would
     net = monai_trt.apply(BatchNormSeg(seed=1).eval(), patch(method))
     torch.testing.assert_close(run(net, x), reference(net, x))  # exactly PyTorch: the fallback
     assert "weights the engine needs are missing" in trt_logs.text()
@@ -152,7 +152,8 @@ def test_planted_stale_engine_is_refused(method, cache_dir, x, trt_logs):
 
 def _plant(cache_dir: str, old_key: str, new_net: nn.Module) -> str:
     """Copy the old entry under the key the new weights would use, with a meta that claims the new weights."""
-    from monai_trt.keys import WeightsHasher, engine_key
+    from monai_trt.cache.keys import engine_key
+    from monai_trt.runtime.stamps import WeightsHasher
 
     root = Path(cache_dir) / "entries"
     meta = json.loads((root / old_key / "meta.json").read_text())
@@ -170,7 +171,7 @@ def test_refit_mode_needs_a_method_that_supports_it():
 
 
 def test_cli_verify_refits_weightless_entries_with_the_bundle_weights(cache_dir, x):
-    from monai_trt.cli_build import verify_entries
+    from monai_trt.bundle.build import verify_entries
 
     net = monai_trt.apply(TinySeg().eval(), patch("onnxruntime"))
     run(net, x)

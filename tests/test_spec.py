@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from monai_trt.errors import PatchError
-from monai_trt.spec import PatchEntry, default_cache_dir, parse_patch, parse_switch
+from monai_trt.patch.spec import PatchEntry, default_cache_dir, parse_patch, parse_switch
 
 
 def test_minimal_entry_gets_defaults(cache_dir):

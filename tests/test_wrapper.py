@@ -258,20 +258,30 @@ def test_missing_or_garbled_meta_is_rebuilt(cache_dir, x, damage, trt_logs):
 
 
 def test_build_reports_its_phases_in_order(x):
-    from monai_trt.progress import reporting_to
+    from monai_trt.events import reporting_to
 
     class Sink:
         def __init__(self) -> None:
-            self.phases: list[str] = []
+            self.events: list[tuple[str, str | None]] = []
 
-        def phase(self, label, phase, done, total) -> None:
-            self.phases.append(phase)
+        def event(self, event) -> None:
+            self.events.append((event.kind, event.phase))
 
     sink = Sink()
     net = monai_trt.apply(TinySeg().eval(), [ORT])
     with reporting_to(sink):
         run(net, x)
-    assert sink.phases == ["export", "engine build (ONNX Runtime session)", "save"]
+    assert sink.events == [
+        ("phase", "building onnxruntime engine"), ("phase", "export"),
+        ("phase", "engine build (ONNX Runtime session)"), ("phase", "save"), ("built", None),
+    ]
+    sink.events.clear()
+    monai_trt.runtime.lifecycle._CACHES.clear()  # as a new process would
+    again = TinySeg().eval()
+    again.load_state_dict(net.state_dict())
+    with reporting_to(sink):
+        run(monai_trt.apply(again, [ORT]), x)
+    assert sink.events == [("cache_hit", None)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: an input on another device than the module")

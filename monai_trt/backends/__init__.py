@@ -57,4 +57,5 @@ def resolve_method(method: str, device: torch.device, precision: str) -> tuple[B
             why = f"auto chose '{name}' on {device.type}" + (f" (skipped: {'; '.join(skipped)})" if skipped else "")
             return backend, why
         skipped.append(f"{name}: {reason}")
-    raise BackendUnavailable(f"no engine method is available on {device}: " + "; ".join(skipped or ["unsupported device"]))
+    reasons = "; ".join(skipped or ["unsupported device"])
+    raise BackendUnavailable(f"no engine method is available on {device}: {reasons}")

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import logging
-import contextlib
 import shutil
-from unittest import mock
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
+from monai_trt.backends.aoti_isa import probe_skipped
 from monai_trt.backends.base import UNREFITTED, BuildJob, CallableEngine, Engine, require_weights
 from monai_trt.errors import EngineBuildError
-from monai_trt.progress import report
-from monai_trt.export import export_program
+from monai_trt.events import report
+from monai_trt.export.program import export_program
 
 __all__ = ["AotiBackend"]
 
@@ -26,42 +25,15 @@ _FOLDED = "_FOLDED_CONST_"  # constants AOTInductor derives from weights at load
 
 
 def _inductor():
-    import torch._inductor  # noqa: PLC0415
+    import torch._inductor
 
     return torch._inductor
 
 
 def load_package(path: Path, device_index: int) -> Any:
-    """`aoti_load_package` without Inductor's CPU vector-ISA probe.
-
-    Loading calls `get_device_information`, whose `pick_vec_isa` compiles a test library per ISA and dlopens each in
-    a fresh Python subprocess (subclasses re-probe even with `cpp.vec_isa_ok`): measured 39-47 s on the H100
-    machine and 3-21 s on a 2-core CPU machine, in every fresh process. Its only use there is a "device information
-    mismatch" warning, so the load skips it; the cache key already pins the CPU capability (see keys.device_info).
-    """
-    inductor = _inductor()
-    with _without_cpu_isa_probe():
-        return inductor.aoti_load_package(str(path), device_index=device_index)
-
-
-@contextlib.contextmanager
-def _without_cpu_isa_probe() -> Iterator[None]:
-    try:
-        from torch._inductor import codecache, cpu_vec_isa  # noqa: PLC0415
-
-        real, invalid = codecache.get_device_information, cpu_vec_isa.invalid_vec_isa
-    except (ImportError, AttributeError):  # another torch layout: load as torch does
-        yield
-        return
-
-    def device_information(device_type: str) -> dict[str, str]:
-        with mock.patch.object(cpu_vec_isa, "pick_vec_isa", lambda: invalid):
-            info = dict(real(device_type))
-        info.pop("AOTI_CPU_ISA", None)  # not compared, rather than compared with a placeholder
-        return info
-
-    with mock.patch.object(codecache, "get_device_information", device_information):
-        yield
+    """`aoti_load_package` without Inductor's CPU vector-ISA probe on this thread (see :mod:`.aoti_isa`)."""
+    with probe_skipped():
+        return _inductor().aoti_load_package(str(path), device_index=device_index)
 
 
 class AotiBackend:
@@ -93,7 +65,7 @@ class AotiBackend:
     def versions(self) -> dict[str, str]:
         versions = {"torch": torch.__version__}
         try:
-            import triton  # noqa: PLC0415
+            import triton
 
             versions["triton"] = triton.__version__
         except ImportError:

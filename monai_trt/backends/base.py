@@ -3,67 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
-from torch import nn
 
 from monai_trt.errors import EngineBuildError, PatchError
+from monai_trt.export.job import BuildJob, Profile
 
 __all__ = [
     "BuildJob", "Backend", "Engine", "RefittableEngine", "CallableEngine", "Profile", "merge_build_args",
     "require_weights", "UNREFITTED",
 ]
-
-# One optimisation profile: per input, (min_shape, opt_shape, max_shape).
-Profile = tuple[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]
-
-
-@dataclass
-class BuildJob:
-    """Everything a backend needs to build one engine.
-
-    Attributes:
-        module: graph to export: `forward(*tensors) -> tuple[Tensor, ...]`, already in the target precision.
-        example_inputs: the real inputs of the call that triggered the build, in engine dtypes.
-        input_names / output_names: engine I/O names.
-        profiles: shape profiles the engine must accept (backends without multi-profile support get one).
-        precision: fp32 | tf32 | fp16 | bf16.
-        build_args: effective backend options (defaults merged under the user's values).
-        export_args: exporter options.
-        device: where the engine runs.
-        label: human-readable name for logs and errors.
-        cache_root: the engine cache root (for side caches such as TensorRT's timing cache).
-        refit: none (weights baked in) | identical | refit (artifacts hold no weights; see RefittableEngine).
-        weight_names: names of the graph's weights (its parameters and buffers), for backends that strip them.
-    """
-
-    module: nn.Module
-    example_inputs: tuple[torch.Tensor, ...]
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
-    profiles: tuple[Profile, ...]
-    precision: str
-    build_args: Mapping[str, Any]
-    export_args: Mapping[str, Any]
-    device: torch.device
-    label: str = ""
-    cache_root: Path | None = None
-    refit: str = "none"
-    weight_names: frozenset[str] = frozenset()
-
-    @property
-    def ranges(self) -> tuple[tuple[tuple[int, int], ...], ...]:
-        """Per input, per dim, the (min, max) over all profiles."""
-        out = []
-        for i in range(len(self.example_inputs)):
-            lows = [p[i][0] for p in self.profiles]
-            highs = [p[i][2] for p in self.profiles]
-            out.append(tuple((min(lo), max(hi)) for lo, hi in zip(zip(*lows), zip(*highs))))
-        return tuple(out)
-
 
 class Engine(Protocol):
     """A loaded engine: flat input tensors (engine dtypes, on its device) → fresh output tensors."""

@@ -13,8 +13,8 @@ from monai.utils import optional_import
 
 from monai_trt.backends.base import UNREFITTED, BuildJob, Engine, require_weights
 from monai_trt.errors import EngineBuildError
-from monai_trt.progress import report
-from monai_trt.export import export_onnx
+from monai_trt.events import report
+from monai_trt.export.program import export_onnx
 
 __all__ = ["OnnxRuntimeBackend"]
 
@@ -49,7 +49,7 @@ class OnnxRuntimeBackend:
         return None
 
     def versions(self) -> dict[str, str]:
-        import onnx  # noqa: PLC0415
+        import onnx
 
         return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__}
 

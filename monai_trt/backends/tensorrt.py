@@ -1,6 +1,6 @@
 """`onnx`: the shared ONNX export → TensorRT engine (TensorRT 10 and 11).
 
-Build steps: export (monai_trt.export, shared with onnxruntime) → parse (TensorRT's ONNX parser; errors name the
+Build steps: export (monai_trt.export.program, shared with onnxruntime) → parse (TensorRT's ONNX parser; errors name the
 failing node) → configure (precision per TensorRT major, options from `build_args`, one optimisation profile per
 job profile, progress monitor, persistent timing cache) → serialize. Running is in :mod:`trt_runtime`.
 
@@ -35,9 +35,9 @@ from monai_trt.backends.trt_runtime import (
     trt_major,
     trt_version,
 )
-from monai_trt.cache import write_atomic
 from monai_trt.errors import EngineBuildError, PatchError
-from monai_trt.export import export_onnx
+from monai_trt.export.program import export_onnx
+from monai_trt.files import write_atomic
 
 __all__ = ["TensorRTBackend", "TimingCache", "check_build_args"]
 
@@ -50,6 +50,11 @@ _REFIT_FLAGS = {"none": (), "identical": ("STRIP_PLAN", "REFIT_IDENTICAL"), "ref
 _HARDWARE = ("none", "ampere_plus", "same_compute_capability")
 _PROGRESS_EVERY_S = 10.0
 _TIMING_LOCK_TIMEOUT_S = 120.0
+
+
+def installed_major() -> int | None:
+    """Major version of the importable `tensorrt` (None when it does not import)."""
+    return trt_major(trt) if _HAS_TRT else None
 
 
 class TensorRTBackend:
@@ -66,7 +71,7 @@ class TensorRTBackend:
         "norms_fp32": True,  # TensorRT 10, fp16/bf16: normalization layers compute and output FLOAT
         "workspace_size": 0,  # bytes; 0 leaves TensorRT's default (all device memory)
         "memory_pool_limits": {},  # e.g. {"tactic_shared_memory": 49152}: trt.MemoryPoolType name -> bytes
-        "timing_cache": True,  # persist the tactic timing cache under <cache>/timing/
+        "timing_cache": True,  # persist the tactic timing cache in the cache's timing/ directory
         "hardware_compatibility": "none",  # none | ampere_plus | same_compute_capability
         "version_compatible": False,
     }
@@ -329,15 +334,15 @@ class TimingCache:
 
     @classmethod
     def for_job(cls, job: BuildJob) -> TimingCache | None:
-        """`<cache_root>/timing/trt<version>-<sm..|cpu>.cache`, or None without a cache root."""
-        if job.cache_root is None:
+        """`<timing_cache_dir>/trt<version>-<sm..|cpu>.cache`, or None when the job has no such directory."""
+        if job.timing_cache_dir is None:
             return None
         if job.device.type == "cuda":
             major, minor = torch.cuda.get_device_capability(job.device)
             arch = f"sm{major}{minor}"
         else:
             arch = job.device.type
-        return cls(Path(job.cache_root) / "timing" / f"trt{trt_version(trt)}-{arch}.cache")
+        return cls(Path(job.timing_cache_dir) / f"trt{trt_version(trt)}-{arch}.cache")
 
     def _read(self) -> bytes:
         try:

@@ -1,8 +1,9 @@
 """`torch_trt`: Torch-TensorRT dynamo compile of the exported program, saved through Torch-TensorRT.
 
-The graph is `monai_trt.export.export_program(job)` (torch.export with the job's dynamic dimensions); it is compiled
-with `torch_tensorrt.dynamo.compile` and saved with `torch_tensorrt.save(..., output_format="exported_program")`,
-then loaded with `torch_tensorrt.load` (or `torch.export.load`).
+The graph is `monai_trt.export.program.export_program(job)` (torch.export with the job's dynamic dimensions); it is
+compiled with `torch_tensorrt.dynamo.compile`, saved with
+`torch_tensorrt.save(..., output_format="exported_program")`, then loaded with `torch_tensorrt.load` (or
+`torch.export.load`).
 
 Precision: where the installed Torch-TensorRT compiles with explicit typing (TensorRT 11, or a version whose
 `use_explicit_typing` defaults to True), the graph is cast by the core before export and compiled with
@@ -20,11 +21,11 @@ from typing import Any, ClassVar
 import torch
 from monai.utils import optional_import
 
-from monai_trt.backends import tensorrt as trt_backend
+from monai_trt.backends import tensorrt as tensorrt_backend
 from monai_trt.backends.base import BuildJob, CallableEngine, Engine
-from monai_trt.backends.trt_runtime import is_double, on_device, trt_major
+from monai_trt.backends.trt_runtime import is_double, on_device
 from monai_trt.errors import PatchError
-from monai_trt.export import export_program
+from monai_trt.export.program import export_program
 
 __all__ = ["TorchTensorRTBackend"]
 
@@ -70,7 +71,7 @@ class TorchTensorRTBackend:
     def versions(self) -> dict[str, str]:
         """torch, Torch-TensorRT and TensorRT versions (part of the cache key)."""
         versions = {"torch": torch.__version__, "torch_tensorrt": str(getattr(torch_tensorrt, "__version__", "?"))}
-        versions.update({k: v for k, v in trt_backend.TensorRTBackend().versions().items() if k != "torch"})
+        versions.update({k: v for k, v in tensorrt_backend.TensorRTBackend().versions().items() if k != "torch"})
         return versions
 
     def graph_precision(self, precision: str) -> str:
@@ -108,7 +109,7 @@ def _explicit_typing() -> bool:
     params = inspect.signature(torch_tensorrt.dynamo.compile).parameters
     if "use_explicit_typing" not in params:
         return False
-    if trt_backend._HAS_TRT and trt_major(trt_backend.trt) >= 11:
+    if (tensorrt_backend.installed_major() or 0) >= 11:
         return True  # TensorRT 11 has no weak typing
     return params["use_explicit_typing"].default is True
 

@@ -58,7 +58,7 @@ def real_tensorrt() -> ModuleType | None:
         return None
     try:
         module = importlib.import_module("tensorrt")
-    except Exception:  # noqa: BLE001 - PyPI stubs raise all kinds of errors at import
+    except Exception:  # PyPI stubs raise all kinds of errors at import
         return None
     if getattr(module, "__monai_trt_double__", False) or not hasattr(module, "Builder"):
         return None

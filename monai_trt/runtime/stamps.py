@@ -1,4 +1,4 @@
-"""Cache keys: sha256 over canonical JSON of everything that changes an engine, and nothing that doesn't.
+"""Module fingerprints: the architecture and weights digests that go into a cache key and the per-call stamp.
 
 The weights hash is a real content hash (sha256 over every parameter and buffer), memoized on the tensors'
 identity and version counters so that the hot path only compares a tuple of integers.
@@ -8,30 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
-import platform
-from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = [
-    "SCHEMA_VERSION", "canonical_json", "digest", "architecture_fingerprint", "WeightsHasher", "device_info",
-    "platform_info", "engine_key",
-]
+from monai_trt.cache.keys import digest
 
-SCHEMA_VERSION = 1
-
-
-def canonical_json(obj: Any) -> str:
-    """Deterministic JSON: sorted keys, no whitespace, tuples as lists."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def digest(obj: Any) -> str:
-    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+__all__ = ["architecture_fingerprint", "WeightsHasher"]
 
 
 @lru_cache(maxsize=None)
@@ -47,7 +32,8 @@ def _class_source_hash(cls: type) -> str:
 def architecture_fingerprint(module: nn.Module) -> str:
     """Structure of `module`: its repr (layer hyper-parameters), tensor names/shapes/dtypes, and class sources."""
     tensors = [(n, list(t.shape), str(t.dtype)) for n, t in module.state_dict(keep_vars=True).items()]
-    classes = sorted({f"{type(m).__module__}.{type(m).__qualname__}:{_class_source_hash(type(m))}" for m in module.modules()})
+    classes = sorted({f"{type(m).__module__}.{type(m).__qualname__}:{_class_source_hash(type(m))}"
+                      for m in module.modules()})
     return digest({"repr": repr(module), "tensors": tensors, "classes": classes})
 
 
@@ -84,23 +70,3 @@ class WeightsHasher:
                     sha.update(data.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
             self._hash, self._stamp = sha.hexdigest(), stamp
         return self._hash
-
-
-def device_info(device: torch.device) -> dict[str, Any]:
-    """Device facts that change an engine: type; CPU vector capability or CUDA compute capability (never the index)."""
-    info: dict[str, Any] = {"type": device.type}
-    if device.type == "cpu":  # the vector ISA CPU code was generated for (AVX2, AVX512...)
-        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        info["capability"] = f"{major}.{minor}"
-    return info
-
-
-def platform_info() -> dict[str, str]:
-    return {"system": platform.system(), "machine": platform.machine()}
-
-
-def engine_key(inputs: Mapping[str, Any]) -> str:
-    """The cache key for a mapping of key inputs (see README "How the cache key works")."""
-    return digest({"schema": SCHEMA_VERSION, **inputs})

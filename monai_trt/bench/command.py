@@ -19,17 +19,17 @@ from typing import Any
 
 import torch
 
-from monai_trt.bench_measure import machine_info
-from monai_trt.bench_report import write_chart, write_markdown
-from monai_trt.bench_run import Clock, plan_modes, run_modes
-from monai_trt.bench_workload import bundle_workload, w1_settings, w1_workload
-from monai_trt.cli_bundle import CliError
-from monai_trt.cli_progress import Progress, cli_logging, is_interactive
-from monai_trt.spec import parse_switch
+from monai_trt.bench.measure import machine_info
+from monai_trt.bench.report import write_chart, write_markdown
+from monai_trt.bench.run import Clock, plan_modes, run_modes
+from monai_trt.bench.workload import bundle_workload, w1_settings, w1_workload
+from monai_trt.console import Progress, cli_logging, is_interactive
+from monai_trt.errors import UsageError
+from monai_trt.patch.spec import parse_switch
 
 __all__ = ["bench", "SCHEMA"]
 
-SCHEMA = "monai_trt.bench/1"
+SCHEMA = "monai_trt.bench.command/1"
 
 
 def _device(device: str | None) -> torch.device:
@@ -38,17 +38,17 @@ def _device(device: str | None) -> torch.device:
     try:
         dev = torch.device(str(device))
     except RuntimeError as err:
-        raise CliError(f"--device {device!r} is not a torch device (e.g. cuda, cuda:1, cpu): {err}") from err
+        raise UsageError(f"--device {device!r} is not a torch device (e.g. cuda, cuda:1, cpu): {err}") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CliError(f"--device {device}: CUDA is not available here (torch {torch.__version__})")
+        raise UsageError(f"--device {device}: CUDA is not available here (torch {torch.__version__})")
     if dev.type not in ("cuda", "cpu"):
-        raise CliError(f"--device {device}: only cuda and cpu are supported")
+        raise UsageError(f"--device {device}: only cuda and cpu are supported")
     return dev
 
 
 def _count(value: Any, name: str, low: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise CliError(f"--{name} must be an integer >= {low}, got {value!r}")
+        raise UsageError(f"--{name} must be an integer >= {low}, got {value!r}")
     return value
 
 
@@ -57,27 +57,27 @@ def _check_options(bundle_root: Any, workload: Any, workload_args: Any, config_f
                    ) -> tuple[dict[str, Any] | None, torch.device, list[Any]]:
     """Validate the subject and mode options before any work: (W1 settings or None, device, modes)."""
     if (bundle_root is None) == (workload is None):
-        raise CliError("give either --bundle_root <bundle> or --workload w1")
+        raise UsageError("give either --bundle_root <bundle> or --workload w1")
     if workload is not None and str(workload).lower() != "w1":
-        raise CliError(f"--workload {workload!r} unknown; built-in workloads: w1")
+        raise UsageError(f"--workload {workload!r} unknown; built-in workloads: w1")
     if workload_args is not None and workload is None:
-        raise CliError("--workload_args applies to --workload w1 only")
+        raise UsageError("--workload_args applies to --workload w1 only")
     if workload is not None and (override or config_file is not None):
-        raise CliError(f"config options {sorted(override) or ['config_file']} apply to --bundle_root only")
+        raise UsageError(f"config options {sorted(override) or ['config_file']} apply to --bundle_root only")
     if not parse_switch(True):
-        raise CliError("environment variable MONAI_TRT switches monai_trt off; unset it to benchmark engines")
+        raise UsageError("environment variable MONAI_TRT switches monai_trt off; unset it to benchmark engines")
     if isinstance(workload_args, str):
         try:
             workload_args = ast.literal_eval(workload_args)
         except (ValueError, SyntaxError) as err:
-            raise CliError(f"--workload_args {workload_args!r} is not a dict literal: {err}") from err
+            raise UsageError(f"--workload_args {workload_args!r} is not a dict literal: {err}") from err
     if workload_args is not None and not isinstance(workload_args, dict):
-        raise CliError(f"--workload_args must be a dict, got {workload_args!r}")
+        raise UsageError(f"--workload_args must be a dict, got {workload_args!r}")
     w1 = w1_settings(workload_args) if workload is not None else None
     dev = _device(device)
     plan = plan_modes(dev, modes, methods, precisions)
     if not plan:
-        raise CliError("no mode left to run (check --modes)")
+        raise UsageError("no mode left to run (check --modes)")
     return w1, dev, plan
 
 
@@ -158,13 +158,13 @@ def bench(
     repeats, warmup = _count(repeats, "repeats", 1), _count(warmup, "warmup", 0)
     num_volumes = _count(num_volumes, "num_volumes", 1)
     if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0):
-        raise CliError(f"--budget must be a positive number of seconds, got {budget!r}")
+        raise UsageError(f"--budget must be a positive number of seconds, got {budget!r}")
     folder = Path(out).expanduser().absolute()
     folder.mkdir(parents=True, exist_ok=True)
     settings = {"repeats": repeats, "warmup": warmup, "num_volumes": num_volumes, "hd95": bool(hd95),
                 "skip_e2e": bool(skip_e2e), "skip_startup": bool(skip_startup), "budget_s": budget,
                 "modes": [m.name for m in plan]}
-    with cli_logging(verbose, progress), progress:
+    with cli_logging(verbose), progress:
         clock = Clock(budget, note)
         clock.log(f"modes: {', '.join(m.name + (' (skipped)' if m.skip else '') for m in plan)}")
         if workload is not None:
@@ -199,4 +199,4 @@ def bench(
         print(markdown)
     failed = [name for name, row in results["modes"].items() if row.get("status") == "error"]
     if failed:
-        raise CliError(f"{len(failed)} mode(s) failed: {', '.join(failed)} (errors in {folder / 'results.json'})")
+        raise UsageError(f"{len(failed)} mode(s) failed: {', '.join(failed)} (errors in {folder / 'results.json'})")

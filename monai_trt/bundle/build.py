@@ -19,16 +19,15 @@ import torch
 from torch import nn
 
 from monai_trt.backends import BACKENDS
-from monai_trt.calls import capture_call, engine_float_dtype, flatten_outputs, forward_signature
-from monai_trt.cli_bundle import Bundle, CliError, dtype_of, network_input, random_tensor, sw_batch_size
-from monai_trt.cli_cache import EntryInfo, entry_device, scan
-from monai_trt.errors import MonaiTrtError
-from monai_trt.hook import module_device
-from monai_trt.hook import apply, wrappers
-from monai_trt.keys import WeightsHasher, architecture_fingerprint
-from monai_trt.refit import engine_weights
-from monai_trt.spec import PatchEntry, parse_switch
-from monai_trt.validate import compare_outputs
+from monai_trt.bundle.load import Bundle, dtype_of, network_input, random_tensor, sw_batch_size
+from monai_trt.cache.inventory import EntryInfo, entry_device, scan
+from monai_trt.errors import MonaiTrtError, UsageError
+from monai_trt.patch.spec import PatchEntry, parse_switch
+from monai_trt.runtime.calls import capture_call, engine_float_dtype, flatten_outputs, forward_signature
+from monai_trt.runtime.hook import apply, module_device, wrappers
+from monai_trt.runtime.refit import engine_weights
+from monai_trt.runtime.stamps import WeightsHasher, architecture_fingerprint
+from monai_trt.runtime.validate import compare_outputs
 
 __all__ = ["BuiltEngine", "Verdict", "build_engines", "plan_calls", "verify_entries"]
 
@@ -64,17 +63,17 @@ def _batches(entries: Sequence[PatchEntry], batch: Any, bundle: Bundle) -> list[
     if batch is not None:
         values = [batch] if isinstance(batch, int) else list(batch) if isinstance(batch, (list, tuple)) else None
         if not values or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in values):
-            raise CliError(f"--batch must be a positive integer or a list of them, got {batch!r}")
+            raise UsageError(f"--batch must be a positive integer or a list of them, got {batch!r}")
         for b in values:
             for entry in entries:
                 lo, _, hi = entry.dynamic_batchsize or (b, b, b)
                 if not lo <= b <= hi:
-                    raise CliError(f"--batch {b} is outside {entry.describe()}'s dynamic_batchsize [{lo}, {hi}]")
+                    raise UsageError(f"--batch {b} is outside {entry.describe()}'s dynamic_batchsize [{lo}, {hi}]")
         return values
     if ranges:
         lo, hi = max(r[0] for r in ranges), min(r[2] for r in ranges)
         if lo > hi:
-            raise CliError(f"the dynamic_batchsize ranges {[list(r) for r in ranges]} have no batch in common; "
+            raise UsageError(f"the dynamic_batchsize ranges {[list(r) for r in ranges]} have no batch in common; "
                            "pass --batch")
         return [min(max(ranges[0][1], lo), hi)]
     return [sw_batch_size(bundle) or 1]
@@ -87,7 +86,7 @@ def plan_calls(bundle: Bundle, batch: Any = None, spatial_shape: Any = None) -> 
     - the others: the whole network on an input from metadata `network_data_format` (batch per :func:`_batches`).
 
     Raises:
-        CliError: the input of some entry cannot be known (names the metadata field or flag to add).
+        UsageError: the input of some entry cannot be known (names the metadata field or flag to add).
     """
     network, device = bundle.network, module_device(bundle.network)
     generator = torch.Generator().manual_seed(0)
@@ -100,7 +99,7 @@ def plan_calls(bundle: Bundle, batch: Any = None, spatial_shape: Any = None) -> 
         for index, profile in enumerate(entry.input_profiles):
             unknown = sorted(set(profile) - set(params))
             if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-                raise CliError(f"{entry.describe()}: input_profiles[{index}] names {unknown} are not arguments of "
+                raise UsageError(f"{entry.describe()}: input_profiles[{index}] names {unknown} are not arguments of "
                                f"its forward{tuple(params)}; name the profile's inputs after the forward's arguments")
             kwargs = {}
             for name, (_lo, opt, _hi) in profile.items():
@@ -142,12 +141,12 @@ def build_engines(
     """Build (or find) every engine the bundle's patch describes. Returns (engines, failures).
 
     Raises:
-        CliError: monai_trt is switched off by env MONAI_TRT, the patch is empty, or a forward call failed.
+        UsageError: monai_trt is switched off by env MONAI_TRT, the patch is empty, or a forward call failed.
     """
     if not parse_switch(True):
-        raise CliError("environment variable MONAI_TRT switches monai_trt off; unset it to build engines")
+        raise UsageError("environment variable MONAI_TRT switches monai_trt off; unset it to build engines")
     if not bundle.patch:
-        raise CliError("trt_patch is empty: nothing to build")
+        raise UsageError("trt_patch is empty: nothing to build")
     before = _entry_keys(sorted({e.path for e in bundle.patch}))
     apply(bundle.network, bundle.raw_patch, enabled=True)
     calls = plan_calls(bundle, batch, spatial_shape)
@@ -159,20 +158,20 @@ def build_engines(
                 call()
         except MonaiTrtError:
             raise
-        except Exception as err:  # noqa: BLE001 - the network rejecting the synthetic input needs a hint
-            raise CliError(f"calling {description} failed: {type(err).__name__}: {err}; check metadata "
+        except Exception as err:  # the network rejecting the synthetic input needs a hint
+            raise UsageError(f"calling {description} failed: {type(err).__name__}: {err}; check metadata "
                            "network_data_format (or --spatial_shape / --batch) against what the network takes") from err
     engines, failures = [], []
     for wrapper in wrappers(bundle.network).values():
         loaded = [e for group in wrapper.engines.values() for e in group]
-        label = wrapper.entry.describe()
+        label = wrapper.spec.describe()
         if wrapper.disabled:
             failures.append(f"{label}: {wrapper.disabled}")
         elif not loaded:
             failures.append(f"{label}: no engine: the forward never called it with inputs its patch entry accepts "
                             "(see the warnings above)")
         for engine in loaded:
-            entry = engine.entry
+            entry = engine.cached
             engines.append(BuiltEngine(label, entry.key, entry.path, entry.key not in before, entry.meta))
     return engines, failures
 
@@ -246,7 +245,7 @@ def _check(info: EntryInfo, module: nn.Module, tolerance: float | None, generato
             return Verdict(info, "skip", "its recorded call (nested or positional-only inputs) cannot be replayed; "
                                          "check it by running the bundle")
         if meta.get("refit", "none") != "none":  # a weight-less engine: the bundle's weights, as the wrapper does
-            engine.refit(engine_weights(module, forward, call, backend.graph_precision(precision)))
+            engine.refit(engine_weights(module, forward, backend.graph_precision(precision)))
         outputs = engine(call.tensors)
         target = module_device(module)
         with torch.no_grad():
@@ -293,6 +292,6 @@ def verify_entries(
             else:
                 try:
                     verdicts.append(_check(info, module.eval(), tolerance, generator))
-                except Exception as err:  # noqa: BLE001 - an engine that cannot even run is a failure, not a crash
+                except Exception as err:  # an engine that cannot even run is a failure, not a crash
                     verdicts.append(Verdict(info, "fail", f"{type(err).__name__}: {err}"))
     return verdicts, others

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from monai_trt.backends import BACKENDS, get_backend
-from monai_trt.bench_measure import (
+from monai_trt.bench.measure import (
     compare_outputs_to,
     peak_memory,
     reset_peak_memory,
@@ -28,11 +28,12 @@ from monai_trt.bench_measure import (
     sync,
     timed,
 )
-from monai_trt.bench_workload import Workload
-from monai_trt.export import tf32_enabled
-from monai_trt.cli_bundle import CliError
-from monai_trt.hook import apply, remove, wrappers
-from monai_trt.spec import PRECISIONS
+from monai_trt.bench.workload import Workload
+from monai_trt.errors import UsageError
+from monai_trt.events import EVENTS_ENV, read_events
+from monai_trt.export.program import tf32_enabled
+from monai_trt.patch.spec import PRECISIONS
+from monai_trt.runtime.hook import apply, remove, wrappers
 
 __all__ = ["Mode", "Clock", "plan_modes", "run_modes", "EAGER_MODES"]
 
@@ -59,7 +60,7 @@ def _names(value: Any, what: str) -> list[str] | None:
     elif isinstance(value, (list, tuple)):
         items = [str(v).strip() for v in value]
     else:
-        raise CliError(f"--{what} must be a comma-separated list, got {value!r}")
+        raise UsageError(f"--{what} must be a comma-separated list, got {value!r}")
     items = [v for v in items if v and v.lower() != "none"]
     return items
 
@@ -71,7 +72,7 @@ def plan_modes(device: torch.device, modes: Any = None, methods: Any = None, pre
     fp32, fp16 on CUDA (fp32 on CPU). Requested combinations that cannot run here are kept with a `skip` reason.
 
     Raises:
-        CliError: an unknown method, precision or mode name (listing the valid ones).
+        UsageError: an unknown method, precision or mode name (listing the valid ones).
     """
     cuda = device.type == "cuda"
     method_list = _names(methods, "methods")
@@ -79,13 +80,13 @@ def plan_modes(device: torch.device, modes: Any = None, methods: Any = None, pre
         method_list = [m for m in BACKENDS if get_backend(m).unavailable_reason(device) is None]
     unknown = sorted(set(method_list) - set(BACKENDS))
     if unknown:
-        raise CliError(f"--methods {unknown} unknown; valid methods: {list(BACKENDS)}")
+        raise UsageError(f"--methods {unknown} unknown; valid methods: {list(BACKENDS)}")
     precision_list = _names(precisions, "precisions")
     if precision_list is None:
         precision_list = ["fp32", "fp16"] if cuda else ["fp32"]
     bad = sorted(set(precision_list) - set(PRECISIONS))
     if bad:
-        raise CliError(f"--precisions {bad} unknown; valid precisions: {list(PRECISIONS)}")
+        raise UsageError(f"--precisions {bad} unknown; valid precisions: {list(PRECISIONS)}")
     candidates = [Mode("fp32", "eager", "fp32"),
                   Mode("tf32", "eager", "tf32", skip=None if cuda else "TF32 is a CUDA setting (same as fp32 on CPU)"),
                   Mode("amp", "eager", "amp")]
@@ -102,7 +103,7 @@ def plan_modes(device: torch.device, modes: Any = None, methods: Any = None, pre
     valid = {m.name for m in candidates} | set(method_list) | {"eager", "engines"}
     unknown = [w for w in wanted if w not in valid]
     if unknown:
-        raise CliError(f"--modes {unknown} unknown; valid: {sorted(valid)} (engine modes come from --methods × "
+        raise UsageError(f"--modes {unknown} unknown; valid: {sorted(valid)} (engine modes come from --methods × "
                        f"--precisions: {method_list} × {precision_list})")
     return [m for m in candidates if m.name in wanted or m.method in wanted
             or (m.kind == "eager" and "eager" in wanted) or (m.kind == "engine" and "engines" in wanted)]
@@ -146,7 +147,7 @@ def _first_tensor(out: Any) -> torch.Tensor:
     values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else ()
     for value in values:
         return _first_tensor(value)
-    raise CliError(f"the inferer returned a {type(out).__name__} without tensors")
+    raise UsageError(f"the inferer returned a {type(out).__name__} without tensors")
 
 
 def _measure(work: Workload, mode: Mode, repeats: int, warmup: int) -> tuple[dict[str, Any], list[torch.Tensor]]:
@@ -199,7 +200,7 @@ def _engines_of(work: Workload) -> list[dict[str, Any]]:
             raise RuntimeError(f"engine for '{name or '<network>'}' disabled: {wrapper.disabled}")
         for group in wrapper.engines.values():
             for engine in group:
-                entry = engine.entry
+                entry = engine.cached
                 size = sum((entry.path / n).stat().st_size for n in entry.meta.get("artifacts", [])
                            if (entry.path / n).is_file())
                 found.append({"submodule": name, "key": entry.key, "method": entry.meta.get("method"),
@@ -253,11 +254,12 @@ def _e2e(work: Workload, mode: Mode, out: Path, patch: list[dict[str, Any]] | No
         args += ["--meta_file", str(spec.meta_file)]
     for key, value in overrides.items():
         args += [f"--{key}", value if isinstance(value, str) else repr(value)]
-    env = {"MONAI_TRT_CACHE": patch[0]["path"]} if patch else {}
+    events = folder / "events.jsonl"
+    env = {"MONAI_TRT_CACHE": patch[0]["path"], EVENTS_ENV: str(events)} if patch else {}
     result = run_bundle(args, env, folder / "run.log", clock.timeout())
     if patch is not None and result["status"] == "ok":
-        log = Path(result["log"]).read_text(errors="replace")
-        result["engine_cache_hit"] = "using cached engine" in log and "engine ready in" not in log
+        kinds = {e.kind for e in read_events(events)}
+        result["engine_cache_hit"] = "cache_hit" in kinds and "built" not in kinds
     return result
 
 
@@ -327,7 +329,7 @@ def _startup(work: Workload, patch: Any, cache: Path | None, clock: Clock) -> di
     env = {"MONAI_TRT_CACHE": str(cache)} if cache is not None else {}
     try:
         probe = startup_probe(work.startup, patch, work.batch_shape, env, clock.timeout())
-    except Exception as err:  # noqa: BLE001 - recorded, the bench goes on
+    except Exception as err:  # recorded, the bench goes on
         return {"status": "error", "error": f"{type(err).__name__}: {err}"}
     result = {"status": "ok", **probe}
     if cache is not None:
@@ -360,7 +362,7 @@ def run_modes(work: Workload, modes: Sequence[Mode], out: Path, settings: dict[s
             row["status"] = "ok"
             if mode.name == "fp32":
                 reference = outputs
-        except Exception as err:  # noqa: BLE001 - one failing mode must not end the comparison
+        except Exception as err:  # one failing mode must not end the comparison
             row = {"mode": mode.name, "kind": mode.kind, "method": mode.method, "precision": mode.precision,
                    "status": "error", "error": f"{type(err).__name__}: {err}",
                    "traceback": traceback.format_exc(limit=8)}

@@ -145,10 +145,10 @@ def write_markdown(results: Mapping[str, Any], path: Path) -> str:
 def write_chart(results: Mapping[str, Any], path: Path) -> bool:
     """Write chart.png (bars per mode: s / volume, network ms, end to end s). False when matplotlib is missing."""
     try:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt
     except ImportError:
         logger.warning("matplotlib is not installed: no chart.png (pip install matplotlib)")
         return False

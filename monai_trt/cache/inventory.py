@@ -20,14 +20,13 @@ import torch
 from filelock import Timeout
 
 from monai_trt.backends import BACKENDS, resolve_method
-from monai_trt.cache import USAGE, EngineCache, pid_alive
+from monai_trt.cache.keys import device_info, platform_info
+from monai_trt.cache.store import USAGE, EngineCache, pid_alive
 from monai_trt.errors import CacheError, MonaiTrtError
-from monai_trt.keys import device_info, platform_info
 
 __all__ = [
-    "EntryInfo", "scan", "here_status", "ask_backend", "entry_device", "select_for_clean", "delete", "leftovers", "clean_cache",
-    "engine_table", "parse_size",
-    "format_size", "METHOD_TITLES",
+    "EntryInfo", "scan", "here_status", "ask_backend", "entry_device", "select_for_clean", "delete", "leftovers",
+    "clean_cache", "engine_table", "parse_size", "format_size", "METHOD_TITLES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -185,7 +184,7 @@ def ask_backend(backend_cls: type, device: torch.device) -> tuple[str | None, di
         backend = backend_cls()
         reason = backend.unavailable_reason(device)
         return (reason, {}) if reason else (None, dict(backend.versions()))
-    except Exception as err:  # noqa: BLE001 - a broken optional package must not break listing
+    except Exception as err:  # a broken optional package must not break listing
         return f"cannot query {getattr(backend_cls, 'name', backend_cls.__name__)}: {type(err).__name__}: {err}", {}
 
 

@@ -11,8 +11,8 @@ from torch import nn
 
 from monai_trt.backends import BACKENDS, get_backend, merge_build_args
 from monai_trt.errors import BackendUnavailable, PatchError
-from monai_trt.spec import PatchEntry, parse_patch, parse_switch
-from monai_trt.wrapper import EngineWrapper
+from monai_trt.patch.spec import PatchEntry, parse_patch, parse_switch
+from monai_trt.runtime.wrapper import EngineWrapper
 
 __all__ = ["apply", "remove", "wrappers", "module_device"]
 
@@ -67,13 +67,13 @@ def apply(network: nn.Module, patch: Any, enabled: Any = True) -> nn.Module:
         logger.info("monai_trt is off (trt=false or MONAI_TRT=0): the network runs in PyTorch")
         return network
     current = wrappers(network)
-    if current and {name: w.entry for name, w in current.items()} == {e.submodule: e for e in entries}:
+    if current and {name: w.spec for name, w in current.items()} == {e.submodule: e for e in entries}:
         return network
     targets = [(entry, _find(network, entry.submodule)) for entry in entries]
     unavailable = [_check_entry(entry, module) for entry, module in targets]
     remove(network)
     for (entry, module), reason in zip(targets, unavailable):
-        wrapper = EngineWrapper(module, entry.path, entry)
+        wrapper = EngineWrapper(module, entry)
         module.forward = wrapper
         if reason:
             wrapper.disabled = reason  # warned once, above: PyTorch from the start
@@ -119,7 +119,8 @@ def _check_entry(entry: PatchEntry, module: nn.Module) -> str | None:
     merge_build_args(backend, entry.build_args, strict=True)
     if entry.refit not in backend.refit_modes:
         refittable = sorted(name for name, cls in BACKENDS.items() if entry.refit in cls.refit_modes)
-        raise PatchError(f"method '{entry.method}' does not support refit '{entry.refit}'; methods that do: {refittable}")
+        raise PatchError(
+            f"method '{entry.method}' does not support refit '{entry.refit}'; methods that do: {refittable}")
     if entry.precision not in backend.precisions:
         raise PatchError(f"method '{entry.method}' does not support precision '{entry.precision}'; "
                          f"supported: {list(backend.precisions)}")

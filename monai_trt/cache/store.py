@@ -8,6 +8,7 @@ Layout under the cache root::
     locks/<key>.lock            per-key lock: concurrent processes build once, the others wait and load
     tmp/<key>.<pid>.<random>/   builds in progress (renamed into entries/ when complete)
     quarantine/<key>.<time>/    entries that failed verification or loading, kept for inspection
+    timing/<name>.cache         TensorRT tactic timing caches (per TensorRT version and GPU), shared by builds
 
 Artifacts are code (a .pt2 holds a shared library), so an entry is only loaded when it is owned by the current
 user, not group/world-writable, and every artifact matches the sha256 recorded in its meta.json.
@@ -30,10 +31,11 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from monai_trt.cache.keys import SCHEMA_VERSION, engine_key
 from monai_trt.errors import CacheError
-from monai_trt.keys import SCHEMA_VERSION, engine_key
+from monai_trt.files import write_atomic
 
-__all__ = ["CacheEntry", "EngineCache", "write_atomic", "pid_alive"]
+__all__ = ["CacheEntry", "EngineCache", "pid_alive"]
 
 logger = logging.getLogger(__name__)
 META = "meta.json"
@@ -48,20 +50,6 @@ class CacheEntry:
     key: str
     path: Path
     meta: Mapping[str, Any]
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temp file beside `path`, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sha256_file(path: Path) -> str:
@@ -97,7 +85,7 @@ class EngineCache:
         """Args: create: make the side directories (False: read-only inspection of an existing cache)."""
         self.root = root
         if create:
-            for sub in ("entries", "locks", "tmp", "quarantine"):
+            for sub in ("entries", "locks", "tmp", "quarantine", "timing"):
                 _private_dir(root / sub)
 
     @classmethod
@@ -114,6 +102,11 @@ class EngineCache:
             fallback = Path(tempfile.mkdtemp(prefix="monai_trt-"))
             logger.warning("engine cache %s is not usable (%s); using %s for this process", path, err, fallback)
             return cls(fallback)
+
+    @property
+    def timing_dir(self) -> Path:
+        """Where backends keep side caches that speed up later builds (TensorRT timing caches)."""
+        return self.root / "timing"
 
     def entry_dir(self, key: str) -> Path:
         return self.root / "entries" / key

@@ -3,7 +3,7 @@
 An engine built with refit other than none holds no weights in its artifacts: after loading, and whenever the
 module's weights change, the wrapper hands it the module's current weights, named and cast exactly as in the
 exported graph. The wrapper runs an engine only while the weights fingerprint it was last refitted with equals
-the module's current one (see :class:`monai_trt.wrapper.LoadedEngine`).
+the module's current one (see :class:`monai_trt.runtime.wrapper.LoadedEngine`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from monai_trt.calls import CapturedCall
-from monai_trt.export import FlatForward, precision_module
+from monai_trt.export.graph import FlatForward, precision_module
 
 __all__ = ["REFIT_EXPORT_ARGS", "engine_weights", "graph_weights", "is_refittable"]
 
@@ -36,15 +35,14 @@ def graph_weights(graph: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def engine_weights(
-    module: nn.Module, forward: Callable[..., Any], call: CapturedCall, graph_precision: str
+    module: nn.Module, forward: Callable[..., Any], graph_precision: str
 ) -> dict[str, torch.Tensor]:
     """The module's parameters and buffers as the exported graph names them, in the graph's precision.
 
     Args:
         module: the wrapped module (its current weights).
         forward: its original forward.
-        call: the captured call the graph was exported for (only used to build the same adapter).
         graph_precision: the precision the backend's graph carries (fp16/bf16 graphs hold cast weights).
     """
     clone, clone_forward = precision_module(module, forward, graph_precision)
-    return graph_weights(FlatForward(clone, clone_forward, call))
+    return graph_weights(FlatForward(clone, clone_forward))

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from monai_trt.bench_startup import MARKER
+from monai_trt.bench.startup import MARKER
 
 __all__ = [
     "sync", "timed", "peak_memory", "reset_peak_memory", "compare_outputs_to", "summarize_accuracy", "startup_probe",
@@ -76,7 +76,7 @@ def _label_mask(label: torch.Tensor) -> torch.Tensor:
 
 def _directed_hd95(a: Any, b: Any) -> tuple[Any, Any]:
     """Surface distances A->B and B->A (edge voxels; distance to the other mask's nearest edge voxel)."""
-    from scipy.ndimage import binary_erosion, distance_transform_edt  # noqa: PLC0415 - monai's own dependency here
+    from scipy.ndimage import binary_erosion, distance_transform_edt  # monai's own dependency here
 
     edge_a, edge_b = a ^ binary_erosion(a), b ^ binary_erosion(b)
     return distance_transform_edt(~edge_b)[edge_a], distance_transform_edt(~edge_a)[edge_b]
@@ -88,7 +88,7 @@ def _hd95(a: torch.Tensor, b: torch.Tensor, classes: Sequence[int]) -> list[floa
     Same definition as `monai.metrics.compute_hausdorff_distance(percentile=95)` with the Euclidean distance
     transform, computed on the masks' bounding box (MONAI's KD-tree path takes minutes on noisy 240x240x160 masks).
     """
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
     out: list[float | None] = []
     for c in classes:
@@ -169,7 +169,7 @@ def startup_probe(workload_spec: Mapping[str, Any], patch: Any, batch_shape: Seq
     """
     t0 = time.time()
     spec = json.dumps({"t0": t0, "workload": workload_spec, "patch": patch, "batch_shape": list(batch_shape)})
-    done = subprocess.run([sys.executable, "-m", "monai_trt.bench_startup", spec], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "monai_trt.bench.startup", spec], capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=timeout, check=False)
     wall = time.time() - t0
     lines = [line for line in done.stdout.splitlines() if line.startswith(MARKER)]
@@ -224,9 +224,9 @@ def _driver() -> str | None:
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     """GPU, driver, CUDA/cuDNN, library versions, CPU and OS: what the numbers depend on."""
-    import monai  # noqa: PLC0415
+    import monai
 
-    import monai_trt  # noqa: PLC0415
+    import monai_trt
 
     gpu = None
     if device.type == "cuda":

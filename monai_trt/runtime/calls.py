@@ -123,7 +123,8 @@ def capture_call(
         leaves.append(leaf)
         if isinstance(leaf, torch.Tensor):
             if leaf.is_complex() or leaf.is_sparse or leaf.is_quantized:
-                raise UnsupportedCall(f"input {_leaf_name(path)} has unsupported tensor type {leaf.dtype}/{leaf.layout}")
+                raise UnsupportedCall(
+                    f"input {_leaf_name(path)} has unsupported tensor type {leaf.dtype}/{leaf.layout}")
             tensor = leaf.to(floats) if leaf.is_floating_point() else leaf
             tensors.append(tensor.contiguous())
             slots.append(slot)
@@ -131,7 +132,8 @@ def capture_call(
         elif isinstance(leaf, _CONSTANT_TYPES):
             constants.append(leaf)
         else:
-            raise UnsupportedCall(f"argument {_leaf_name(path)} of type {type(leaf).__name__} is not a tensor or constant")
+            raise UnsupportedCall(
+                f"argument {_leaf_name(path)} of type {type(leaf).__name__} is not a tensor or constant")
     names = _dedupe(names)
     layout = CallLayout(
         in_tree=str(spec),

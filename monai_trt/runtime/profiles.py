@@ -1,11 +1,11 @@
-"""Shape profiles: which input shapes an engine is built for, from `dynamic_batchsize`, `input_profiles`, or the call."""
+"""Shape profiles: the input shapes an engine is built for, from `dynamic_batchsize`, `input_profiles` or the call."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from monai_trt.calls import CapturedCall
-from monai_trt.spec import PatchEntry
+from monai_trt.patch.spec import PatchEntry
+from monai_trt.runtime.calls import CapturedCall
 
 __all__ = ["plan_profiles", "profile_accepts"]
 

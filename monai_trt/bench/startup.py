@@ -1,7 +1,7 @@
 """Start-up probe for `bench`, run in a fresh process: build the workload's network, optionally apply a patch whose
 engines are already cached, and time process start → first network output.
 
-Usage (by `bench` only): ``python -m monai_trt.bench_startup '<json spec>'``. The spec carries `t0`, the parent's
+Usage (by `bench` only): ``python -m monai_trt.bench.startup '<json spec>'``. The spec carries `t0`, the parent's
 `time.time()` just before it started this process, so the measure includes interpreter start-up and imports. The
 result is one line on stdout, prefixed with ``MONAI_TRT_BENCH_STARTUP``.
 """
@@ -19,15 +19,15 @@ def main(argv: list[str]) -> None:
     """Run the probe described by `argv[0]` (JSON) and print its timings."""
     spec = json.loads(argv[0])
     t0 = float(spec["t0"])
-    import torch  # noqa: PLC0415
+    import torch
 
-    import monai_trt  # noqa: PLC0415
-    from monai_trt.cli_bundle import load_bundle  # noqa: PLC0415
+    import monai_trt
+    from monai_trt.bundle.load import load_bundle
 
     imported = time.time()
     work = spec["workload"]
     if work["kind"] == "w1":
-        from monai_trt.bench_workload import make_w1_network  # noqa: PLC0415
+        from monai_trt.bench.workload import make_w1_network
 
         network = make_w1_network(work["settings"], torch.device(work["device"]))
     else:

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from monai_trt.cli_bundle import DEFAULT_CONFIGS, CliError, load_bundle, network_input
+from monai_trt.bundle.load import DEFAULT_CONFIGS, load_bundle, network_input
+from monai_trt.errors import UsageError
 
 __all__ = [
     "Workload", "E2ESpec", "bundle_workload", "w1_settings", "w1_workload", "make_w1_network", "W1_DEFAULTS",
@@ -86,7 +87,7 @@ def _positive_ints(value: Any, what: str, length: int | None = None) -> list[int
     if (not isinstance(value, Sequence) or isinstance(value, str) or not value
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
             or (length is not None and len(value) != length)):
-        raise CliError(f"{what} must be {'a list of ' + str(length) if length else 'a list of'} positive integers, "
+        raise UsageError(f"{what} must be {'a list of ' + str(length) if length else 'a list of'} positive integers, "
                        f"got {value!r}")
     return [int(v) for v in value]
 
@@ -96,7 +97,7 @@ def w1_settings(workload_args: Mapping[str, Any] | None) -> dict[str, Any]:
     args = dict(workload_args or {})
     unknown = sorted(set(args) - set(W1_DEFAULTS))
     if unknown:
-        raise CliError(f"--workload_args {unknown} are not W1 settings; accepted: {sorted(W1_DEFAULTS)}")
+        raise UsageError(f"--workload_args {unknown} are not W1 settings; accepted: {sorted(W1_DEFAULTS)}")
     settings = {**W1_DEFAULTS, **args}
     for key in ("feature_size", "in_channels", "out_channels", "sw_batch", "window_size"):
         settings[key] = _positive_ints(settings[key], f"--workload_args {key}", 1)[0]
@@ -104,15 +105,15 @@ def w1_settings(workload_args: Mapping[str, Any] | None) -> dict[str, Any]:
     settings["shape"] = _positive_ints(settings["shape"], "--workload_args shape", 3)
     settings["roi"] = _positive_ints(settings["roi"], "--workload_args roi", 3)
     if any(r % 32 for r in settings["roi"]):
-        raise CliError(f"--workload_args roi {settings['roi']} must be multiples of 32 (SwinUNETR's patch merging)")
+        raise UsageError(f"--workload_args roi {settings['roi']} must be multiples of 32 (SwinUNETR's patch merging)")
     if not 0 <= float(settings["overlap"]) < 1:
-        raise CliError(f"--workload_args overlap must be in [0, 1), got {settings['overlap']!r}")
+        raise UsageError(f"--workload_args overlap must be in [0, 1), got {settings['overlap']!r}")
     return settings
 
 
 def make_w1_network(settings: Mapping[str, Any], device: torch.device) -> nn.Module:
     """W1's SwinUNETR with weights drawn from `settings['seed']` (identical in every process)."""
-    from monai.networks.nets import SwinUNETR  # noqa: PLC0415
+    from monai.networks.nets import SwinUNETR
 
     torch.manual_seed(int(settings["seed"]))
     net = SwinUNETR(in_channels=settings["in_channels"], out_channels=settings["out_channels"],
@@ -124,7 +125,7 @@ def make_w1_network(settings: Mapping[str, Any], device: torch.device) -> nn.Mod
 def w1_workload(settings: Mapping[str, Any], device: torch.device, num_volumes: int) -> Workload:
     """The synthetic workload W1 (`settings` from :func:`w1_settings`): seeded SwinUNETR, `num_volumes` seeded
     uniform random volumes, sliding window."""
-    from monai.inferers import SlidingWindowInferer  # noqa: PLC0415
+    from monai.inferers import SlidingWindowInferer
     inferer = SlidingWindowInferer(settings["roi"], settings["sw_batch"], overlap=float(settings["overlap"]))
     volumes = [torch.rand(1, settings["in_channels"], *settings["shape"],
                           generator=torch.Generator().manual_seed(1 + i)) for i in range(num_volumes)]
@@ -145,7 +146,7 @@ def w1_workload(settings: Mapping[str, Any], device: torch.device, num_volumes: 
 # ------------------------------------------------------------------------------------------------------- bundles
 def _files(config_file: Any, root: Path) -> list[Path]:
     """Config files as `load_bundle` resolves them (default: inference.json + inference_trt.json when present)."""
-    import ast  # noqa: PLC0415
+    import ast
 
     if config_file is None:
         return [root / f for f in DEFAULT_CONFIGS if (root / f).is_file()]
@@ -153,7 +154,7 @@ def _files(config_file: Any, root: Path) -> list[Path]:
         try:
             config_file = ast.literal_eval(config_file.strip())
         except (ValueError, SyntaxError) as err:
-            raise CliError(f"--config_file {config_file!r} is not a list of file names: {err}") from err
+            raise UsageError(f"--config_file {config_file!r} is not a list of file names: {err}") from err
     names = [config_file] if isinstance(config_file, str) else list(config_file)
     out = []
     for name in names:
@@ -161,13 +162,13 @@ def _files(config_file: Any, root: Path) -> list[Path]:
         if not path.is_absolute() and (root / path).is_file():
             path = root / path
         if not path.is_file():
-            raise CliError(f"config file {name} not found (looked in {Path.cwd()} and {root})")
+            raise UsageError(f"config file {name} not found (looked in {Path.cwd()} and {root})")
         out.append(path.absolute())
     return out
 
 
 def _holds(path: Path, key: str) -> bool:
-    from monai.bundle import ConfigParser  # noqa: PLC0415
+    from monai.bundle import ConfigParser
 
     content = ConfigParser.load_config_file(str(path))
     return isinstance(content, Mapping) and any(k.lstrip("+") == key for k in content)
@@ -203,14 +204,14 @@ def bundle_workload(
     """A bundle as the bench sees it; its patch section is optional (without one, engines wrap the whole network).
 
     Raises:
-        CliError: missing files, ids or checkpoint (from `load_bundle`), or a dataset item without an image.
+        UsageError: missing files, ids or checkpoint (from `load_bundle`), or a dataset item without an image.
     """
-    from monai.bundle import ConfigParser  # noqa: PLC0415
+    from monai.bundle import ConfigParser
 
     root = Path(bundle_root).expanduser().absolute()
     files = _files(config_file, root)
     if not files or not (files[0].is_file()):
-        raise CliError(f"no {DEFAULT_CONFIGS[0]} under bundle_root {root}; pass --bundle_root <dir> or --config_file")
+        raise UsageError(f"no {DEFAULT_CONFIGS[0]} under bundle_root {root}; pass --bundle_root <dir> or --config_file")
     patch_files = [f for f in files if _holds(f, patch_id)]
     overrides = dict(override)
     load_overrides = dict(overrides)
@@ -257,14 +258,14 @@ def _bundle_volumes(parser: Any, num_volumes: int, batch_shape: list[int]
                 for i in range(num_volumes)], [None] * num_volumes
     dataset = parser.get_parsed_content("dataset")
     if len(dataset) == 0:
-        raise CliError("the bundle's dataset is empty: check dataset_dir / datalist (override them with "
+        raise UsageError("the bundle's dataset is empty: check dataset_dir / datalist (override them with "
                        "--dataset_dir ...)")
     volumes, labels = [], []
     for index in range(min(num_volumes, len(dataset))):
         item = dataset[index]
         item = item[0] if isinstance(item, list) else item
         if not isinstance(item, Mapping) or "image" not in item:
-            raise CliError(f"dataset item {index} has no 'image' key (got {type(item).__name__}); the bench feeds "
+            raise UsageError(f"dataset item {index} has no 'image' key (got {type(item).__name__}); the bench feeds "
                            "item['image'] to the inferer as the bundle's evaluator does")
         volumes.append(_plain(item["image"])[None])
         label = item.get("label")

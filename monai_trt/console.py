@@ -1,8 +1,7 @@
 """Progress display for long CLI work: phase, elapsed time, and a bar when the engine reports a fraction.
 
-Build phases reach the display through :func:`report` (a context variable holds the active display, so library code
-can report without knowing whether a CLI is listening: with none, a report costs one lookup). Until the core calls
-:func:`report` itself, :class:`BuildLogEvents` derives the phases from the engine wrapper's log records.
+Build phases and outcomes reach the display as :class:`monai_trt.events.Event` objects (a context variable holds the
+active display, so library code emits without knowing whether a CLI is listening: with none, it costs one lookup).
 """
 
 from __future__ import annotations
@@ -19,11 +18,11 @@ from typing import Any, TextIO
 
 from monai.utils import optional_import
 
-from monai_trt.progress import report, reporting_to
+from monai_trt.events import Event, reporting_to
 
 tqdm, _HAS_TQDM = optional_import("tqdm", name="tqdm")
 
-__all__ = ["Progress", "report", "BuildLogEvents", "cli_logging", "is_interactive"]
+__all__ = ["Progress", "cli_logging", "is_interactive"]
 
 _TICK_SECONDS = 0.5
 
@@ -86,6 +85,15 @@ class Progress:
         else:
             print(message, file=self.stream, flush=True)
 
+    def event(self, event: Event) -> None:
+        """Show one event: a phase (with a bar once a fraction is known), an engine saved, a cache hit."""
+        if event.kind == "phase" and event.phase:
+            self.phase(event.label, event.phase, event.done, event.total)
+        elif event.kind == "built":
+            self.finish(event.label, "engine saved")
+        elif event.kind == "cache_hit":
+            self.note(f"{event.label}: already in the cache")
+
     def phase(self, label: str, phase: str, done: float | None = None, total: float | None = None) -> None:
         """Show `label` in `phase` with the time since its task began; with `total`, as a bar at `done`/`total`."""
         if not self.enabled:
@@ -128,46 +136,23 @@ class Progress:
         self.note(f"{label}: {message}{elapsed}")
 
 
-class BuildLogEvents(logging.Handler):
-    """Turns the engine wrapper's log records into progress phases (start of a build, engine ready, cache hit)."""
-
-    def __init__(self, progress: Progress) -> None:
-        super().__init__(logging.DEBUG)
-        self.progress = progress
-
-    def emit(self, record: logging.LogRecord) -> None:
-        template, args = str(record.msg), record.args if isinstance(record.args, tuple) else ()
-        if not args:
-            return
-        label = str(args[0])
-        if template.startswith("%s: building %s engine"):
-            self.progress.phase(label, f"building {args[1]} engine", None, None)
-        elif template.startswith("%s: engine ready in"):
-            self.progress.finish(label, "engine saved")
-        elif template.startswith("%s: using cached engine"):
-            self.progress.note(f"{label}: already in the cache")
-
-
 @contextlib.contextmanager
-def cli_logging(verbose: bool, progress: Progress | None = None) -> Iterator[None]:
+def cli_logging(verbose: bool) -> Iterator[None]:
     """Logging for one CLI command; restores everything on exit.
 
     monai_trt's log handlers (MONAI-style, on stdout) move to stderr so that stdout holds only results; the level is
     WARNING (INFO with `verbose`), and exporter chatter (torch.onnx registration notes, deprecation warnings) is
-    hidden unless `verbose`. With a `progress` display, wrapper records also drive its phases.
+    hidden unless `verbose`.
     """
     package = logging.getLogger("monai_trt")
     noisy = [logging.getLogger(name) for name in ("torch.onnx", "torch._dynamo", "torch.export")]
     saved = [(h, h.stream, h.level) for h in package.handlers
              if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
     saved_levels = [(lg, lg.level) for lg in noisy]
-    events = BuildLogEvents(progress) if progress is not None and progress.enabled else None
     for handler, stream, _ in saved:
         if stream is not sys.stderr:
             handler.setStream(sys.stderr)
         handler.setLevel(logging.INFO if verbose else logging.WARNING)
-    if events is not None:
-        logging.getLogger("monai_trt.wrapper").addHandler(events)
     if not verbose:
         for lg in noisy:
             lg.setLevel(logging.ERROR)
@@ -178,8 +163,6 @@ def cli_logging(verbose: bool, progress: Progress | None = None) -> Iterator[Non
                 warnings.simplefilter("ignore", DeprecationWarning)
             yield
     finally:
-        if events is not None:
-            logging.getLogger("monai_trt.wrapper").removeHandler(events)
         for handler, stream, level in saved:
             handler.setStream(stream)
             handler.setLevel(level)

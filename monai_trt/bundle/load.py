@@ -18,20 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from monai_trt.errors import MonaiTrtError
-from monai_trt.spec import PatchEntry, parse_patch
+from monai_trt.errors import UsageError
+from monai_trt.patch.spec import PatchEntry, parse_patch
 
 __all__ = [
-    "Bundle", "CliError", "load_bundle", "network_input", "sw_batch_size", "random_tensor", "dtype_of", "DEFAULT_CONFIGS",
+    "Bundle", "load_bundle", "network_input", "sw_batch_size", "random_tensor", "dtype_of", "DEFAULT_CONFIGS",
 ]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIGS = ("configs/inference.json", "configs/inference_trt.json")
-
-
-class CliError(MonaiTrtError):
-    """A command cannot proceed; the message says what to add or change."""
 
 
 @dataclass
@@ -65,14 +61,14 @@ def _config_files(config_file: Any, root: Path) -> list[Path]:
     if config_file is None:
         files = [root / f for f in DEFAULT_CONFIGS if (root / f).is_file()]
         if not (root / DEFAULT_CONFIGS[0]).is_file():
-            raise CliError(f"no {DEFAULT_CONFIGS[0]} under bundle_root {root}; pass --bundle_root <dir> or "
+            raise UsageError(f"no {DEFAULT_CONFIGS[0]} under bundle_root {root}; pass --bundle_root <dir> or "
                            "--config_file \"['configs/inference.json','configs/inference_trt.json']\"")
         return files
     if isinstance(config_file, str) and config_file.strip().startswith("["):
         try:
             config_file = ast.literal_eval(config_file.strip())  # "['a.json','b.json']" as fire would parse it
         except (ValueError, SyntaxError) as err:
-            raise CliError(f"--config_file {config_file!r} is not a list of file names: {err}") from err
+            raise UsageError(f"--config_file {config_file!r} is not a list of file names: {err}") from err
     names = [config_file] if isinstance(config_file, (str, os.PathLike)) else list(config_file)
     if len(names) == 1 and isinstance(names[0], str) and "," in names[0] and not Path(names[0]).is_file():
         names = names[0].split(",")
@@ -82,7 +78,7 @@ def _config_files(config_file: Any, root: Path) -> list[Path]:
         if not path.is_absolute() and (root / path).is_file():
             path = root / path  # relative to bundle_root first, then (as monai.bundle run) to the working directory
         if not path.is_file():
-            raise CliError(f"config file {name} not found (looked in {Path.cwd()} and {root})")
+            raise UsageError(f"config file {name} not found (looked in {Path.cwd()} and {root})")
         files.append(path)
     return files
 
@@ -124,24 +120,25 @@ def _load_weights(parser: Any, network: nn.Module, root: Path, net_id: str, ckpt
     else:
         path = root / "models" / "model.pt"
         if not path.is_file():
-            logger.info("no CheckpointLoader for @%s in the configs and no %s: using the config's weights", net_id, path)
+            logger.info("no CheckpointLoader for @%s in the configs and no %s: using the config's weights",
+                        net_id, path)
             return None
         logger.warning("no CheckpointLoader for @%s in the configs; assuming the run loads %s (--ckpt to choose)",
                        net_id, path)
     if not path.is_file():
-        raise CliError(f"checkpoint {path} not found: the cache key includes a hash of the weights, so engines "
+        raise UsageError(f"checkpoint {path} not found: the cache key includes a hash of the weights, so engines "
                        "must be built with the weights the run loads (train or download them, or pass --ckpt)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure becomes one clear message
-        raise CliError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    except Exception as err:  # any unpickling failure becomes one clear message
+        raise UsageError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
     if not isinstance(checkpoint, Mapping):
-        raise CliError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state_dict")
+        raise UsageError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state_dict")
     state = checkpoint.get(key, checkpoint)  # as CheckpointLoader does: {key: state_dict} or a bare state_dict
     try:
         network.load_state_dict(state, strict=strict)
     except (RuntimeError, KeyError, TypeError) as err:
-        raise CliError(f"checkpoint {path} does not fit the network @{net_id}: {err}") from err
+        raise UsageError(f"checkpoint {path} does not fit the network @{net_id}: {err}") from err
     return path.absolute()
 
 
@@ -157,10 +154,10 @@ def load_bundle(
     """Parse a bundle the way `monai.bundle run` does and return its network (with the run's weights) and patch.
 
     Raises:
-        CliError: a file, id or checkpoint is missing or does not fit, with what to add.
+        UsageError: a file, id or checkpoint is missing or does not fit, with what to add.
         PatchError: the `trt_patch` section is invalid.
     """
-    from monai.bundle import ConfigParser  # noqa: PLC0415 - heavy; only commands that read a bundle need it
+    from monai.bundle import ConfigParser  # heavy; only commands that read a bundle need it
 
     root = Path(bundle_root if bundle_root is not None else ".").expanduser().absolute()
     files = _config_files(config_file, root)
@@ -168,7 +165,7 @@ def load_bundle(
     parser.read_config(f=[str(f) for f in files])
     meta_path = Path(meta_file) if meta_file is not None else files[0].parent / "metadata.json"
     if meta_file is not None and not meta_path.is_file():
-        raise CliError(f"metadata file {meta_file} not found")
+        raise UsageError(f"metadata file {meta_file} not found")
     if meta_path.is_file():
         parser.read_meta(f=str(meta_path))
     updates = dict(override or {})
@@ -181,10 +178,10 @@ def load_bundle(
         if needed not in parser:
             hint = ("add the monai_trt patch (e.g. configs/inference_trt.json) to --config_file" if needed == patch_id
                     else "pass --net_id with the id of the network the evaluator runs")
-            raise CliError(f"no '{needed}' in {[str(f) for f in files]}: {hint}")
+            raise UsageError(f"no '{needed}' in {[str(f) for f in files]}: {hint}")
     network = parser.get_parsed_content(net_id)
     if not isinstance(network, nn.Module):
-        raise CliError(f"config id '{net_id}' is a {type(network).__name__}, not a torch.nn.Module (--net_id)")
+        raise UsageError(f"config id '{net_id}' is a {type(network).__name__}, not a torch.nn.Module (--net_id)")
     weights = _load_weights(parser, network, root, net_id, ckpt)
     raw_patch = parser.get_parsed_content(patch_id)
     metadata = parser.get(parser.meta_key) or {}
@@ -207,13 +204,13 @@ def network_input(bundle: Bundle, spatial_shape: Any = None) -> tuple[str, list[
     """(name, [channels, *spatial], dtype) of the network's input per metadata `network_data_format`.
 
     Raises:
-        CliError: naming the metadata field to add when the shape cannot be known.
+        UsageError: naming the metadata field to add when the shape cannot be known.
     """
     where = str(bundle.meta_file or (bundle.root / "configs" / "metadata.json"))
     fmt = bundle.metadata.get("network_data_format")
     inputs = fmt.get("inputs") if isinstance(fmt, Mapping) else None
     if not isinstance(inputs, Mapping) or not inputs:
-        raise CliError(
+        raise UsageError(
             f"{where} has no network_data_format.inputs, so the input shape of the network is unknown: add "
             '"network_data_format": {"inputs": {"image": {"num_channels": 1, "spatial_shape": [96, 96, 96], '
             '"dtype": "float32"}}} (spatial_shape = the sliding-window roi_size), or give every trt_patch entry '
@@ -226,12 +223,12 @@ def network_input(bundle: Bundle, spatial_shape: Any = None) -> tuple[str, list[
     field_path = f"network_data_format.inputs.{name}"
     channels = spec.get("num_channels") if isinstance(spec, Mapping) else None
     if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
-        raise CliError(f"{where}: {field_path}.num_channels is missing or not a positive integer (got {channels!r}); "
+        raise UsageError(f"{where}: {field_path}.num_channels is missing or not a positive integer (got {channels!r}); "
                        "add the number of input channels")
     shape = _ints(spatial_shape) if spatial_shape is not None else _ints(spec.get("spatial_shape"))
     if shape is None:
         given = spatial_shape if spatial_shape is not None else spec.get("spatial_shape")
-        raise CliError(
+        raise UsageError(
             f"{where}: {field_path}.spatial_shape is {given!r}, not a list of positive integers; set it to the "
             "shape the run feeds the network (the sliding-window roi_size, e.g. [96, 96, 96]) or pass "
             '--spatial_shape "[96,96,96]"'
@@ -260,9 +257,9 @@ def dtype_of(name: str, what: str = "input dtype") -> torch.dtype:
     """torch dtype for a dtype name as metadata and cache entries write it ("float32", "torch.int64").
 
     Raises:
-        CliError: `name` is not a torch dtype.
+        UsageError: `name` is not a torch dtype.
     """
     dtype = getattr(torch, name.removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype):
-        raise CliError(f"{what} {name!r} is not a torch dtype (e.g. float32, float16, int64)")
+        raise UsageError(f"{what} {name!r} is not a torch dtype (e.g. float32, float16, int64)")
     return dtype

@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import monai_trt
-from monai_trt.bench import bench
-from monai_trt.cli_bundle import CliError, load_bundle
-from monai_trt.cli_cache import clean_cache, engine_table, format_size, parse_size, scan
-from monai_trt.cli_progress import Progress, cli_logging, is_interactive
-from monai_trt.errors import MonaiTrtError
-from monai_trt.spec import default_cache_dir
+from monai_trt.bench.command import bench
+from monai_trt.bundle.load import load_bundle
+from monai_trt.cache.inventory import clean_cache, engine_table, format_size, parse_size, scan
+from monai_trt.console import Progress, cli_logging, is_interactive
+from monai_trt.errors import MonaiTrtError, UsageError
+from monai_trt.patch.spec import default_cache_dir
 
 __all__ = ["build", "ls", "verify", "clean", "info", "bench", "main"]
 
@@ -98,11 +98,11 @@ def build(
     """
     progress = _progress(quiet)
     start = time.perf_counter()
-    with cli_logging(verbose, progress), progress:
+    with cli_logging(verbose), progress:
         bundle = load_bundle(config_file, bundle_root, meta_file, net_id, patch_id, ckpt, override)
         progress.note(f"bundle {bundle.name}: {type(bundle.network).__name__}, {len(bundle.patch)} patch "
                       f"entr{'y' if len(bundle.patch) == 1 else 'ies'}, weights {bundle.weights or 'from config'}")
-        from monai_trt.cli_build import build_engines  # noqa: PLC0415 - imports the exporters
+        from monai_trt.bundle.build import build_engines  # imports the exporters
 
         engines, failures = build_engines(bundle, batch, spatial_shape, lambda d: progress.note(f"calling {d}"))
     if json:
@@ -121,7 +121,7 @@ def build(
         print(f"{len(engines)} engine(s) ready ({sum(e.built for e in engines)} built) in {', '.join(roots) or '-'}; "
               f"{time.perf_counter() - start:.1f} s")
     if failures:
-        raise CliError("some engines were not built:\n  " + "\n  ".join(failures))
+        raise UsageError("some engines were not built:\n  " + "\n  ".join(failures))
 
 
 def ls(cache_dir: str | None = None, json: bool = False) -> None:
@@ -178,9 +178,9 @@ def verify(
         json: print JSON.
     """
     progress = _progress(quiet)
-    with cli_logging(verbose, progress), progress:
+    with cli_logging(verbose), progress:
         bundle = load_bundle(config_file, bundle_root, meta_file, net_id, patch_id, ckpt, override)
-        from monai_trt.cli_build import verify_entries  # noqa: PLC0415 - imports the exporters
+        from monai_trt.bundle.build import verify_entries  # imports the exporters
 
         roots = [cache_dir] if cache_dir else sorted({e.path for e in bundle.patch}) or [default_cache_dir()]
         progress.note(f"verifying the entries of {bundle.name} in {', '.join(roots)}")
@@ -202,9 +202,9 @@ def verify(
         print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped; "
               f"{others} entr{'y' if others == 1 else 'ies'} of other networks not checked")
     if failed:
-        raise CliError(f"{len(failed)} engine(s) disagree with PyTorch")
+        raise UsageError(f"{len(failed)} engine(s) disagree with PyTorch")
     if not any(v.outcome == "pass" for v in verdicts):
-        raise CliError(f"nothing was verified: no entry in {', '.join(roots)} was built for this network with these "
+        raise UsageError(f"nothing was verified: no entry in {', '.join(roots)} was built for this network with these "
                        "weights and loads here (run `build` first)")
 
 
@@ -266,7 +266,7 @@ def info(json: bool = False) -> None:
 
 def main() -> None:
     """Console entry point: run a command; a monai_trt error prints one message and exits with status 1."""
-    import fire  # noqa: PLC0415
+    import fire
 
     argv = sys.argv[1:]
     if "--" not in argv and any(a in ("--help", "-h") for a in argv[1:]):

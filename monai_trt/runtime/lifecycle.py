@@ -1,0 +1,367 @@
+"""The engine life cycle of one wrapped submodule: key → lookup/build → load → refit → validate.
+
+:class:`EngineSet` owns everything between a captured call and a runnable engine: which backend serves the device,
+the cache key of a call, building or finding the cache entry, loading it, giving weight-less engines the module's
+weights, and the first-call comparison with PyTorch. The call path (:mod:`.wrapper`) only asks it for an engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from monai_trt.backends import Backend, BuildJob, merge_build_args, resolve_method
+from monai_trt.cache import CacheEntry, EngineCache, device_info, engine_key, platform_info
+from monai_trt.errors import BackendUnavailable, EngineBuildError, MonaiTrtError
+from monai_trt.events import Event, emit
+from monai_trt.export import DEFAULT_EXPORT_ARGS, FlatForward, precision_module
+from monai_trt.patch import PatchEntry
+from monai_trt.runtime.calls import CapturedCall, dtype_name, engine_float_dtype
+from monai_trt.runtime.profiles import plan_profiles, profile_accepts
+from monai_trt.runtime.refit import REFIT_EXPORT_ARGS, engine_weights, graph_weights, is_refittable
+from monai_trt.runtime.stamps import WeightsHasher, architecture_fingerprint
+from monai_trt.runtime.validate import compare_outputs
+
+__all__ = ["EngineSet", "LoadedEngine", "Reference", "open_cache", "no_autocast"]
+
+logger = logging.getLogger(__name__)
+_CACHES: dict[str, EngineCache] = {}
+_CACHES_LOCK = threading.Lock()
+
+# PyTorch's own outputs for the call being served: (flat tensors, output structure), computed on demand.
+Reference = Callable[[], tuple[list[torch.Tensor], Any]]
+
+
+def open_cache(path: str) -> EngineCache:
+    """One EngineCache per directory per process."""
+    with _CACHES_LOCK:
+        if path not in _CACHES:
+            _CACHES[path] = EngineCache.open(path)
+        return _CACHES[path]
+
+
+class LoadedEngine:
+    """An engine in memory, with the shapes it accepts, how to restore its outputs, and the weights it holds.
+
+    `fingerprint` is the module-weights digest the engine computes with (baked in, or last refitted with); it runs
+    only while that equals the module's current digest. None: holds no weights yet.
+    """
+
+    def __init__(self, engine: Any, cached: CacheEntry, fingerprint: str | None) -> None:
+        self.engine = engine
+        self.cached = cached
+        self.fingerprint = fingerprint
+        self.refit_mode = cached.meta.get("refit", "none")
+        io = cached.meta["io"]
+        self.profiles = [tuple(tuple(tuple(s) for s in inp) for inp in p) for p in io["profiles"]]
+        self.out_spec = pytree.treespec_loads(cached.meta["outputs"]["spec"])
+        self.out_dtypes = {False: [getattr(torch, d) for d in cached.meta["outputs"]["dtypes"]]}
+        self.checked_autocast: set[bool] = set()
+
+    def accepts(self, shapes: tuple[tuple[int, ...], ...]) -> bool:
+        return any(profile_accepts(p, shapes) for p in self.profiles)
+
+    def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.engine(tensors)
+
+    def restore(self, outputs: list[torch.Tensor], autocast: bool) -> Any:
+        dtypes = self.out_dtypes.get(autocast, self.out_dtypes[False])
+        if len(outputs) != len(dtypes):
+            raise EngineBuildError(f"engine {self.cached.path} returned {len(outputs)} outputs, expected {len(dtypes)}")
+        return pytree.tree_unflatten([o.to(d) for o, d in zip(outputs, dtypes)], self.out_spec)
+
+
+class EngineSet:
+    """The engines of one wrapped submodule in this process, and how they come to be.
+
+    Args:
+        module: the wrapped module (its live weights).
+        original: its unwrapped forward.
+        spec: the validated patch entry.
+        label: the name used in every message (config id and submodule path).
+    """
+
+    def __init__(self, module: nn.Module, original: Callable[..., Any], spec: PatchEntry, label: str) -> None:
+        self.module = module
+        self.original = original
+        self.spec = spec
+        self.label = label
+        self.by_layout: dict[Any, list[LoadedEngine]] = {}
+        self.builds = 0
+        self._backends: dict[str, tuple[Backend, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        self._weights: WeightsHasher | None = None
+        self._architecture: str | None = None
+        self._warned: set[str] = set()
+
+    def warn_once(self, cause: str, msg: str, *args: Any) -> None:
+        if cause not in self._warned:
+            self._warned.add(cause)
+            logger.warning(msg, *args)
+
+    def count(self) -> int:
+        return sum(len(v) for v in self.by_layout.values())
+
+    # ------------------------------------------------------------------ serving
+    def engine_for(self, call: CapturedCall, reference: Reference, autocast: bool) -> LoadedEngine | None:
+        """A loaded, validated engine for `call` holding the module's current weights, or None (run PyTorch)."""
+        current = self._weights.digest() if self._weights is not None else None  # ~30 us unless weights changed
+        for loaded in self.by_layout.get(call.layout, ()):
+            if loaded.accepts(call.shapes) and loaded.fingerprint == current:
+                self._check_once(loaded, call, reference, autocast)
+                return loaded
+        with self._lock:
+            if current is not None:
+                self._sync_weights(current)
+            for loaded in self.by_layout.get(call.layout, ()):
+                if loaded.accepts(call.shapes):
+                    self._check_once(loaded, call, reference, autocast)
+                    return loaded
+            if self.count() >= self.spec.max_engines:
+                self.warn_once("max_engines", "%s: already %d engines (max_engines); calls with new shapes run in "
+                               "PyTorch", self.label, self.spec.max_engines)
+                return None
+            loaded = self._prepare(call, reference, autocast)
+            if loaded is not None:
+                self.by_layout.setdefault(call.layout, []).append(loaded)
+            return loaded
+
+    def input_float_dtype(self, device: torch.device) -> torch.dtype:
+        """The floating dtype the engine for `device` takes (inputs are cast to it)."""
+        try:
+            backend, _ = self.backend(device)
+        except MonaiTrtError:
+            return engine_float_dtype(self.spec.precision)
+        return engine_float_dtype(backend.graph_precision(self.spec.precision))
+
+    def backend(self, device: torch.device) -> tuple[Backend, dict[str, Any]]:
+        """The backend serving `device` and its effective build args (resolved once per device type)."""
+        if device.type not in self._backends:
+            backend, why = resolve_method(self.spec.method, device, self.spec.precision)
+            if self.spec.method == "auto":
+                logger.info("%s: %s", self.label, why)
+            if self.spec.precision not in backend.precisions:
+                raise BackendUnavailable(f"method '{backend.name}' does not support precision {self.spec.precision}")
+            if self.spec.refit not in backend.refit_modes:
+                raise BackendUnavailable(f"method '{backend.name}' does not support refit '{self.spec.refit}'")
+            if self.spec.use_cuda_graph and not backend.cuda_graphs:
+                logger.warning("%s: use_cuda_graph has no effect with method '%s' (TensorRT engines only)",
+                               self.label, backend.name)
+            args = merge_build_args(backend, self.spec.build_args, strict=self.spec.method != "auto")
+            self._backends[device.type] = (backend, args)
+        return self._backends[device.type]
+
+    # ------------------------------------------------------------------ weights
+    def _sync_weights(self, current: str) -> None:
+        """After a weights change: refit the engines built for refitting, drop those with weights baked in."""
+        for layout, engines in self.by_layout.items():
+            kept = []
+            for loaded in engines:
+                if loaded.fingerprint == current:
+                    kept.append(loaded)
+                elif loaded.refit_mode == "refit":
+                    self._refit(loaded, torch.device(layout.device), current)
+                    kept.append(loaded)
+                else:
+                    logger.info("%s: weights changed; engine %s (weights baked in or refit identical) is dropped",
+                                self.label, loaded.cached.path)
+            self.by_layout[layout] = kept
+
+    def _refit(self, loaded: LoadedEngine, device: torch.device, current: str) -> None:
+        """Give a weight-less engine (on `device`) the module's current weights; validated again on its next use."""
+        start = time.perf_counter()
+        loaded.fingerprint = None
+        backend, _ = self.backend(device)
+        loaded.engine.refit(engine_weights(self.module, self.original, backend.graph_precision(self.spec.precision)))
+        loaded.fingerprint = current
+        loaded.checked_autocast.clear()
+        logger.info("%s: refitted engine %s with the module's weights in %.2f s",
+                    self.label, loaded.cached.path, time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ key → lookup/build → load → refit → validate
+    def key_inputs(self, call: CapturedCall, profiles: list, backend: Backend, build_args: Mapping[str, Any]) -> dict:
+        """Everything that changes the engine for `call` (see README "How the cache key works")."""
+        if self._weights is None:
+            self._weights = WeightsHasher(self.module)
+            self._architecture = architecture_fingerprint(self.module)
+        refit = self.spec.refit
+        return {
+            "submodule": self.spec.submodule,
+            "module_class": f"{type(self.module).__module__}.{type(self.module).__qualname__}",
+            "architecture": self._architecture,
+            "io": {**call.layout.to_json(), "profiles": profiles},
+            "method": backend.name,
+            "exporter": self.export_args(),
+            "precision": self.spec.precision,
+            "build_args": dict(build_args),
+            "refit": refit,
+            "weights": "refit" if refit == "refit" else self._weights.digest(),  # refit: any weights of this design
+            "versions": backend.versions(),
+            "device": device_info(torch.device(call.layout.device)),
+            "platform": platform_info(),
+        }
+
+    def export_args(self) -> dict[str, Any]:
+        refit_args = REFIT_EXPORT_ARGS if self.spec.refit != "none" else {}
+        return {**DEFAULT_EXPORT_ARGS, **refit_args, **self.spec.export_args}
+
+    def _prepare(self, call: CapturedCall, reference: Reference, autocast: bool) -> LoadedEngine | None:
+        profiles, why_not = plan_profiles(self.spec, call)
+        if profiles is None:
+            self.warn_once(f"profile:{why_not}", "%s: %s; this call runs in PyTorch", self.label, why_not)
+            return None
+        device = torch.device(call.layout.device)
+        backend, build_args = self.backend(device)
+        if not backend.multi_profile:
+            profiles = profiles[:1]  # one engine per profile; the matching one comes first
+        start = time.perf_counter()
+        key_inputs = self.key_inputs(call, profiles, backend, build_args)
+        key = engine_key(key_inputs)
+        logger.debug("%s: key inputs hashed in %.3f s", self.label, time.perf_counter() - start)
+        cache = open_cache(self.spec.path)
+        clock = _Clock()
+        cached = cache.lookup(key)
+        clock.lap("verify")
+        built_now = cached is None
+        if cached is None:
+            cached = self._build(cache, key, key_inputs, call, profiles, backend, build_args, reference)
+            clock.lap("build")
+        weights = key_inputs["weights"] if self.spec.refit == "none" else None
+        loaded = self._load(cache, cached, backend, device, weights)
+        clock.lap("load")
+        if self.spec.refit != "none":
+            self._refit(loaded, device, self._weights.digest())
+            clock.lap("refit")
+        cache.record_use(cached)
+        self._check(loaded, call, reference, autocast)
+        clock.lap("validate")
+        if built_now:
+            logger.info("%s: first call took %s", self.label, clock)
+        else:
+            emit(Event(self.label, "cache_hit", detail={"path": str(cached.path)}))
+            logger.info("%s: using cached engine %s (%s)", self.label, cached.path, clock)
+        return loaded
+
+    def _build(
+        self, cache: EngineCache, key: str, key_inputs: Mapping[str, Any], call: CapturedCall, profiles: list,
+        backend: Backend, build_args: dict[str, Any], reference: Reference,
+    ) -> CacheEntry:
+        leaves, out_spec = reference()
+        shapes = ", ".join(
+            f"{n}:{list(t.shape)}:{dtype_name(t.dtype)}" for n, t in zip(call.layout.names, call.tensors))
+        built = []
+
+        def build(tmp: Path) -> dict[str, Any]:
+            logger.info("%s: building %s engine for inputs %s (key %s)...", self.label, backend.name, shapes, key[:12])
+            emit(Event(self.label, "phase", phase=f"building {backend.name} engine"))
+            built.append(True)
+            start = time.perf_counter()
+            emit(Event(self.label, "phase", phase="export"))
+            precision = backend.graph_precision(self.spec.precision)
+            module, forward = precision_module(self.module, self.original, precision)
+            graph = FlatForward(module, forward, call.rebuild).eval()
+            job = BuildJob(
+                module=graph,
+                example_inputs=tuple(call.tensors),
+                input_names=call.layout.names,
+                output_names=self.spec.output_names or tuple(f"output_{i}" for i in range(len(leaves))),
+                profiles=tuple(profiles), precision=self.spec.precision, build_args=build_args,
+                export_args=self.export_args(), device=torch.device(call.layout.device), label=self.label,
+                timing_cache_dir=cache.timing_dir, refit=self.spec.refit,
+                weight_names=frozenset(graph_weights(graph)) if self.spec.refit != "none" else frozenset(),
+            )
+            with torch.no_grad():
+                artifacts = backend.build(job, tmp)
+            emit(Event(self.label, "phase", phase="save"))
+            return {
+                "artifacts": artifacts,
+                "key_inputs": key_inputs,
+                "io": {"names": list(call.layout.names), "dtypes": list(call.layout.dtypes), "profiles": profiles},
+                "outputs": {"spec": pytree.treespec_dumps(out_spec), "dtypes": [dtype_name(t.dtype) for t in leaves]},
+                "method": backend.name, "precision": self.spec.precision, "build_args": build_args,
+                "refit": self.spec.refit,
+                "submodule": self.spec.submodule, "build_seconds": round(time.perf_counter() - start, 3),
+            }
+
+        start = time.perf_counter()
+        try:
+            cached = cache.build(key, key_inputs, build)
+        except MonaiTrtError:
+            raise
+        except Exception as err:
+            message = f"building with method '{backend.name}' failed: {type(err).__name__}: {err}"
+            raise EngineBuildError(message) from err
+        if built:
+            self.builds += 1
+            emit(Event(self.label, "built", detail={"path": str(cached.path), "seconds": time.perf_counter() - start}))
+            logger.info("%s: engine ready in %.1f s at %s", self.label, time.perf_counter() - start, cached.path)
+        else:
+            emit(Event(self.label, "cache_hit", detail={"path": str(cached.path)}))
+            logger.info("%s: using cached engine %s (built by another process)", self.label, cached.path)
+        return cached
+
+    def _load(
+        self, cache: EngineCache, cached: CacheEntry, backend: Backend, device: torch.device, fingerprint: str | None
+    ) -> LoadedEngine:
+        try:
+            engine = backend.load(cached.path, cached.meta, device, use_cuda_graph=self.spec.use_cuda_graph)
+            if cached.meta.get("refit", "none") != "none" and not is_refittable(engine):
+                raise TypeError(f"method '{backend.name}' returned an engine that cannot be refitted")
+            return LoadedEngine(engine, cached, fingerprint)
+        except Exception as err:  # an unloadable entry is moved aside, so that the next process rebuilds it
+            cache.quarantine(cached.key, f"could not be loaded: {type(err).__name__}: {err}")
+            raise EngineBuildError(f"cached engine {cached.path} could not be loaded: {err}") from err
+
+    def _check_once(self, loaded: LoadedEngine, call: CapturedCall, reference: Reference, autocast: bool) -> None:
+        if autocast not in loaded.checked_autocast:
+            self._check(loaded, call, reference, autocast)
+
+    def _check(self, loaded: LoadedEngine, call: CapturedCall, reference: Reference, autocast: bool) -> None:
+        """First use per process (and autocast state): compare with PyTorch and learn the output dtypes."""
+        if not self.spec.validate and not autocast:
+            loaded.checked_autocast.add(autocast)
+            return
+        leaves, _ = reference()
+        loaded.out_dtypes[autocast] = [t.dtype for t in leaves]
+        if self.spec.validate:
+            with no_autocast(call.layout.device, autocast):
+                outputs = loaded.run(call.tensors)
+            error = compare_outputs(outputs, leaves, self.spec.precision, self.spec.tolerance)
+            if error:
+                raise EngineBuildError(f"engine {loaded.cached.path} disagrees with PyTorch: {error}")
+        loaded.checked_autocast.add(autocast)
+
+
+class _Clock:
+    """Named laps for the log line that says where first-call time went."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self._laps: list[str] = []
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self._laps.append(f"{name} {now - self._last:.2f} s")
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(self._laps)
+
+
+@contextlib.contextmanager
+def no_autocast(device: str, enabled: bool) -> Iterator[None]:
+    """Autocast off inside (engines run in their own precision) when it was on."""
+    if not enabled:
+        yield
+        return
+    with torch.autocast(torch.device(device).type, enabled=False):
+        yield
