@@ -13,7 +13,7 @@ import sys
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from monai_trt.cli.main import main
+    from monai_trt.cli.commands import main
 
     sys.argv = [sys.argv[0], "bench", "--workload", "w1", *sys.argv[1:]]
     main()

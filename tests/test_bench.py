@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from monai_trt import cli
 from monai_trt.backends.aoti import AotiBackend
 from monai_trt.backends.onnxruntime import OnnxRuntimeBackend
 from monai_trt.bench.command import bench, plan_modes
+from monai_trt.cli import commands as cli
 from monai_trt.errors import UsageError
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "spheres_segmentation"

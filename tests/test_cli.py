@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_trt import cli
 from monai_trt.backends.onnxruntime import OnnxRuntimeBackend
 from monai_trt.bundle.build import plan_calls
 from monai_trt.bundle.load import load_bundle
 from monai_trt.cache.inventory import parse_size, scan
 from monai_trt.cache.keys import engine_key, platform_info
 from monai_trt.cache.store import EngineCache
+from monai_trt.cli import commands as cli
 from monai_trt.console import Progress
 from monai_trt.errors import UsageError
 from monai_trt.events import Event, emit, report
