@@ -23,7 +23,7 @@ import torch
 
 from monai_trt.backends.onnxruntime import OnnxRuntimeBackend
 from monai_trt.bundle.build import plan_calls
-from monai_trt.bundle.load import load_bundle
+from monai_trt.bundle.load import BundleSource, load_bundle
 from monai_trt.cache.inventory import parse_size, scan
 from monai_trt.cache.keys import engine_key, platform_info
 from monai_trt.cache.store import EngineCache
@@ -186,7 +186,7 @@ def test_build_names_the_metadata_field_to_add(tmp_path, cache_dir, metadata, me
 
 def test_spatial_shape_flag_overrides_symbolic_metadata(tmp_path):
     meta = {"network_data_format": {"inputs": {"image": {"num_channels": 1, "spatial_shape": ["16*n"] * 3}}}}
-    bundle = load_bundle(bundle_root=str(make_bundle(tmp_path / "b", metadata=meta)))
+    bundle = load_bundle(BundleSource(bundle_root=str(make_bundle(tmp_path / "b", metadata=meta))))
     (description, _), = plan_calls(bundle, spatial_shape=[32, 32, 32])
     assert description == "network(image:[2, 1, 32, 32, 32]:float32)"
 
@@ -198,7 +198,7 @@ def test_build_without_checkpoint_says_the_run_weights_are_needed(tmp_path, cach
 
 
 def test_build_loads_the_checkpoint_into_the_network(tmp_path):
-    bundle = load_bundle(bundle_root=str(make_bundle(tmp_path / "b", seed=7)))
+    bundle = load_bundle(BundleSource(bundle_root=str(make_bundle(tmp_path / "b", seed=7))))
     expected = torch.load(tmp_path / "b" / "models" / "model.pt", weights_only=True)
     assert bundle.weights == tmp_path / "b" / "models" / "model.pt"
     assert all(torch.equal(bundle.network.state_dict()[k], v) for k, v in expected.items())
@@ -206,7 +206,7 @@ def test_build_loads_the_checkpoint_into_the_network(tmp_path):
 
 def test_static_patch_uses_sw_batch_size_and_warns(tmp_path, trt_logs):
     patch = [{"submodule": "", "method": "onnxruntime", "precision": "fp32"}]
-    bundle = load_bundle(bundle_root=str(make_bundle(tmp_path / "b", patch=patch)))
+    bundle = load_bundle(BundleSource(bundle_root=str(make_bundle(tmp_path / "b", patch=patch))))
     apply(bundle.network, bundle.raw_patch)
     (description, _), = plan_calls(bundle)
     assert description == "network(image:[3, 1, 16, 16, 16]:float32)"  # the inferer's sw_batch_size

@@ -27,6 +27,7 @@ from monai.utils import optional_import
 from monai_trt.backends.base import BuildJob, Engine
 from monai_trt.backends.trt_runtime import (
     TensorRTEngine,
+    device_reason,
     is_double,
     on_device,
     require,
@@ -82,11 +83,7 @@ class TensorRTBackend:
             return "the tensorrt package is not installed (pip install monai_trt[tensorrt] on a CUDA machine)"
         if trt_major(trt) < 10:
             return f"TensorRT {trt_version(trt)} is too old; monai_trt needs TensorRT 10 or newer"
-        if is_double(trt):
-            return None if device.type == "cpu" else "the TensorRT test double runs on CPU tensors only"
-        if device.type != "cuda" or not torch.cuda.is_available():
-            return "TensorRT engines need a CUDA device"
-        return None
+        return device_reason(trt, "TensorRT", device)
 
     def versions(self) -> dict[str, str]:
         """torch and TensorRT versions (part of the cache key); the test double is marked as such."""

@@ -23,7 +23,7 @@ from monai.utils import optional_import
 
 from monai_trt.backends import tensorrt as tensorrt_backend
 from monai_trt.backends.base import BuildJob, CallableEngine, Engine
-from monai_trt.backends.trt_runtime import is_double, on_device
+from monai_trt.backends.trt_runtime import device_reason, on_device
 from monai_trt.errors import PatchError
 from monai_trt.export.program import export_program
 
@@ -62,11 +62,7 @@ class TorchTensorRTBackend:
         """None when Torch-TensorRT can compile and run on `device`, else why not."""
         if not _HAS_TORCH_TRT:
             return "the torch_tensorrt package is not installed (it needs TensorRT and a matching torch)"
-        if is_double(torch_tensorrt):
-            return None if device.type == "cpu" else "the Torch-TensorRT test double runs on CPU tensors only"
-        if device.type != "cuda" or not torch.cuda.is_available():
-            return "Torch-TensorRT engines need a CUDA device"
-        return None
+        return device_reason(torch_tensorrt, "Torch-TensorRT", device)
 
     def versions(self) -> dict[str, str]:
         """torch, Torch-TensorRT and TensorRT versions (part of the cache key)."""

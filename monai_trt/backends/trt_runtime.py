@@ -68,6 +68,15 @@ def is_double(trt: Any) -> bool:
     return bool(getattr(trt, "__monai_trt_double__", False))
 
 
+def device_reason(package: Any, name: str, device: torch.device) -> str | None:
+    """Why engines of `package` (TensorRT or Torch-TensorRT, named `name`) cannot run on `device`, or None."""
+    if is_double(package):
+        return None if device.type == "cpu" else f"the {name} test double runs on CPU tensors only"
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"{name} engines need a CUDA device"
+    return None
+
+
 def require(trt: Any, what: str, action: Callable[[], T]) -> T:
     """Run `action`; a missing TensorRT attribute becomes a clear :class:`BackendUnavailable`.
 

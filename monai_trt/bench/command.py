@@ -23,6 +23,7 @@ from monai_trt.bench.measure import machine_info
 from monai_trt.bench.report import write_chart, write_markdown
 from monai_trt.bench.run import Clock, plan_modes, run_modes
 from monai_trt.bench.workload import bundle_workload, w1_settings, w1_workload
+from monai_trt.bundle.load import BundleSource, bundle_command
 from monai_trt.console import Progress, cli_logging, is_interactive
 from monai_trt.errors import UsageError
 from monai_trt.patch.spec import parse_switch
@@ -81,15 +82,11 @@ def _check_options(bundle_root: Any, workload: Any, workload_args: Any, config_f
     return w1, dev, plan
 
 
+@bundle_command
 def bench(
-    bundle_root: str | None = None,
+    source: BundleSource,
     workload: str | None = None,
     out: str = "bench_results",
-    config_file: Any = None,
-    meta_file: str | None = None,
-    net_id: str = "network",
-    patch_id: str = "trt_patch",
-    ckpt: str | None = None,
     modes: Any = None,
     methods: Any = None,
     precisions: Any = None,
@@ -116,15 +113,9 @@ def bench(
     untimed runs, CUDA synchronised. Writes results.json, results.md and chart.png into --out; prints the table.
 
     Args:
-        bundle_root: the bundle to measure (configs as `monai.bundle run` takes them).
-        workload: instead of a bundle, a built-in workload: `w1` (SwinUNETR feature 48, 1->2 channels,
+        workload: instead of a bundle (--bundle_root), a built-in workload: `w1` (SwinUNETR feature 48, 1->2 channels,
             240x240x160 volume, ROI 96^3, sw_batch 8, overlap 0.5; random seeded weights and volume).
         out: output folder (engine caches per mode and end-to-end outputs go under it too).
-        config_file: config file(s) (default configs/inference.json + configs/inference_trt.json when present).
-        meta_file: metadata.json (default: beside the first config file).
-        net_id: config id of the network.
-        patch_id: config id of the monai_trt patch (engine modes override its method/precision/path).
-        ckpt: checkpoint (default: the CheckpointLoader's load_path, else models/model.pt).
         modes: only these modes, e.g. "fp32,amp,aoti_fp16" (method names select all their precisions;
             "eager", "engines" select groups).
         methods: engine methods (default: every method available on the device; see `monai_trt info`).
@@ -153,8 +144,8 @@ def bench(
             sys.stderr.write(line + "\n")
             sys.stderr.flush()
 
-    w1, dev, plan = _check_options(bundle_root, workload, workload_args, config_file, override, device, modes, methods,
-                                   precisions)
+    w1, dev, plan = _check_options(source.bundle_root, workload, workload_args, source.config_file, override, device,
+                                   modes, methods, precisions)
     repeats, warmup = _count(repeats, "repeats", 1), _count(warmup, "warmup", 0)
     num_volumes = _count(num_volumes, "num_volumes", 1)
     if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0):
@@ -172,7 +163,7 @@ def bench(
         else:
             if device is not None:
                 override = {**override, "device": f"$torch.device('{dev}')"}
-            work = bundle_workload(config_file, bundle_root, meta_file, net_id, patch_id, ckpt, override, num_volumes)
+            work = bundle_workload(source, override, num_volumes)
         if work.device.type != dev.type:  # the bundle's own `device` decides where it runs
             plan = plan_modes(work.device, modes, methods, precisions)
             settings["modes"] = [m.name for m in plan]

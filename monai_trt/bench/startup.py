@@ -22,7 +22,7 @@ def main(argv: list[str]) -> None:
     import torch
 
     import monai_trt
-    from monai_trt.bundle.load import load_bundle
+    from monai_trt.bundle.load import BundleSource, load_bundle
 
     imported = time.time()
     work = spec["workload"]
@@ -31,8 +31,7 @@ def main(argv: list[str]) -> None:
 
         network = make_w1_network(work["settings"], torch.device(work["device"]))
     else:
-        network = load_bundle(work["config_file"], work["bundle_root"], work["meta_file"], work["net_id"],
-                              work["patch_id"], work["ckpt"], work["override"]).network
+        network = load_bundle(BundleSource(**work["source"]), work["override"]).network
     device = next(iter(network.parameters())).device
     if spec.get("patch"):
         monai_trt.apply(network, spec["patch"])

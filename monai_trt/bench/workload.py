@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from monai_trt.bundle.load import DEFAULT_CONFIGS, load_bundle, network_input
+from monai_trt.bundle.load import DEFAULT_CONFIGS, BundleSource, load_bundle, network_input
 from monai_trt.errors import UsageError
 
 __all__ = [
@@ -197,10 +197,7 @@ def _window(inferer: Any, bundle: Any, channels: int) -> list[int] | None:
     return [int(sw or 1), channels, *roi]
 
 
-def bundle_workload(
-    config_file: Any, bundle_root: str, meta_file: str | None, net_id: str, patch_id: str, ckpt: str | None,
-    override: Mapping[str, Any], num_volumes: int,
-) -> Workload:
+def bundle_workload(source: BundleSource, override: Mapping[str, Any], num_volumes: int) -> Workload:
     """A bundle as the bench sees it; its patch section is optional (without one, engines wrap the whole network).
 
     Raises:
@@ -208,8 +205,9 @@ def bundle_workload(
     """
     from monai.bundle import ConfigParser
 
-    root = Path(bundle_root).expanduser().absolute()
-    files = _files(config_file, root)
+    root = Path(source.bundle_root or ".").expanduser().absolute()
+    files = _files(source.config_file, root)
+    meta_file, net_id, patch_id = source.meta_file, source.net_id, source.patch_id
     if not files or not (files[0].is_file()):
         raise UsageError(f"no {DEFAULT_CONFIGS[0]} under bundle_root {root}; pass --bundle_root <dir> or --config_file")
     patch_files = [f for f in files if _holds(f, patch_id)]
@@ -218,7 +216,8 @@ def bundle_workload(
     if not patch_files:
         load_overrides[patch_id] = DEFAULT_PATCH
         logger.warning("bench: %s hold no '%s'; engine modes wrap the whole network", [f.name for f in files], patch_id)
-    bundle = load_bundle([str(f) for f in files], str(root), meta_file, net_id, patch_id, ckpt, load_overrides)
+    source = replace(source, config_file=[str(f) for f in files], bundle_root=str(root))
+    bundle = load_bundle(source, load_overrides)
     network, device = bundle.network, next(iter(bundle.network.parameters())).device
     parser = ConfigParser(dict(bundle.config))
     _run_initialize(parser, net_id)
@@ -236,9 +235,7 @@ def bundle_workload(
     return Workload(
         kind="bundle", name=bundle.name, network=network, device=device, infer=infer, volumes=volumes, labels=labels,
         batch_shape=batch_shape, patch=patch,
-        startup={"kind": "bundle", "config_file": [str(f) for f in files], "bundle_root": str(root),
-                 "meta_file": meta_file, "net_id": net_id, "patch_id": patch_id, "ckpt": ckpt,
-                 "override": load_overrides},
+        startup={"kind": "bundle", "source": asdict(source), "override": load_overrides},
         e2e=e2e,
         description={"kind": "bundle", "name": bundle.name, "bundle_root": str(root),
                      "config_files": [str(f) for f in files], "network": type(network).__name__, "input": name,

@@ -7,11 +7,13 @@ beside the first one, `bundle_root` and any other id overridable), so the networ
 from __future__ import annotations
 
 import ast
+import functools
+import inspect
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,68 @@ from monai_trt.errors import UsageError
 from monai_trt.patch.spec import PatchEntry, parse_patch
 
 __all__ = [
-    "Bundle", "load_bundle", "network_input", "sw_batch_size", "random_tensor", "dtype_of", "DEFAULT_CONFIGS",
+    "Bundle", "BundleSource", "bundle_command", "load_bundle", "network_input", "sw_batch_size", "random_tensor",
+    "dtype_of", "DEFAULT_CONFIGS",
 ]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIGS = ("configs/inference.json", "configs/inference_trt.json")
+
+
+@dataclass(frozen=True)
+class BundleSource:
+    """Where a bundle comes from, as `python -m monai.bundle run` takes it: the options every bundle command shares.
+
+    Attributes:
+        config_file: config file(s), merged in order (default configs/inference.json + configs/inference_trt.json).
+        bundle_root: the bundle directory (also overrides the config's `bundle_root`).
+        meta_file: metadata.json (default: beside the first config file).
+        net_id: config id of the network the evaluator runs.
+        patch_id: config id of the monai_trt patch.
+        ckpt: checkpoint to load (default: the CheckpointLoader's load_path, else models/model.pt).
+    """
+
+    config_file: Any = None
+    bundle_root: str | None = None
+    meta_file: str | None = None
+    net_id: str = "network"
+    patch_id: str = "trt_patch"
+    ckpt: str | None = None
+
+
+def _source_docs() -> str:
+    doc = BundleSource.__doc__ or ""
+    return doc[doc.index("Attributes:") + len("Attributes:\n"):].rstrip()
+
+
+def bundle_command(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a CLI command `command(source: BundleSource, <own flags>, **override)` the :class:`BundleSource` flags.
+
+    The returned function's signature (what fire shows and parses) is the command's own flags followed by
+    `--config_file --bundle_root --meta_file --net_id --patch_id --ckpt`, documented once, here.
+    """
+    own = list(inspect.signature(command).parameters.values())[1:]
+    names = [f.name for f in fields(BundleSource)]
+    shared = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+              for f in fields(BundleSource)]
+    plain = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    rest = [p for p in own if p.kind is inspect.Parameter.VAR_KEYWORD]
+
+    @functools.wraps(command)
+    def run(**kwargs: Any) -> Any:
+        source = BundleSource(**{name: kwargs.pop(name) for name in names if name in kwargs})
+        return command(source, **kwargs)
+
+    run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in plain] + shared + rest
+    )
+    doc = command.__doc__ or ""
+    marker = "    Args:\n"
+    if marker in doc:
+        extra = "\n".join("    " + line for line in _source_docs().splitlines())
+        run.__doc__ = doc.replace(marker, marker + extra + "\n", 1)
+    return run
 
 
 @dataclass
@@ -142,15 +200,7 @@ def _load_weights(parser: Any, network: nn.Module, root: Path, net_id: str, ckpt
     return path.absolute()
 
 
-def load_bundle(
-    config_file: Any = None,
-    bundle_root: str | None = None,
-    meta_file: str | None = None,
-    net_id: str = "network",
-    patch_id: str = "trt_patch",
-    ckpt: str | None = None,
-    override: Mapping[str, Any] | None = None,
-) -> Bundle:
+def load_bundle(source: BundleSource, override: Mapping[str, Any] | None = None) -> Bundle:
     """Parse a bundle the way `monai.bundle run` does and return its network (with the run's weights) and patch.
 
     Raises:
@@ -159,6 +209,8 @@ def load_bundle(
     """
     from monai.bundle import ConfigParser  # heavy; only commands that read a bundle need it
 
+    config_file, bundle_root, meta_file = source.config_file, source.bundle_root, source.meta_file
+    net_id, patch_id = source.net_id, source.patch_id
     root = Path(bundle_root if bundle_root is not None else ".").expanduser().absolute()
     files = _config_files(config_file, root)
     parser = ConfigParser()
@@ -182,7 +234,7 @@ def load_bundle(
     network = parser.get_parsed_content(net_id)
     if not isinstance(network, nn.Module):
         raise UsageError(f"config id '{net_id}' is a {type(network).__name__}, not a torch.nn.Module (--net_id)")
-    weights = _load_weights(parser, network, root, net_id, ckpt)
+    weights = _load_weights(parser, network, root, net_id, source.ckpt)
     raw_patch = parser.get_parsed_content(patch_id)
     metadata = parser.get(parser.meta_key) or {}
     return Bundle(

@@ -27,7 +27,7 @@ from typing import Any
 
 import monai_trt
 from monai_trt.bench.command import bench
-from monai_trt.bundle.load import load_bundle
+from monai_trt.bundle.load import BundleSource, bundle_command, load_bundle
 from monai_trt.cache.inventory import clean_cache, engine_table, format_size, parse_size, scan
 from monai_trt.console import Progress, cli_logging, is_interactive
 from monai_trt.errors import MonaiTrtError, UsageError
@@ -61,13 +61,9 @@ def _progress(quiet: bool | None) -> Progress:
     return Progress(enabled=is_interactive(sys.stderr) if quiet is None else not quiet)
 
 
+@bundle_command
 def build(
-    config_file: Any = None,
-    bundle_root: str | None = None,
-    meta_file: str | None = None,
-    net_id: str = "network",
-    patch_id: str = "trt_patch",
-    ckpt: str | None = None,
+    source: BundleSource,
     batch: Any = None,
     spatial_shape: Any = None,
     json: bool = False,
@@ -83,12 +79,6 @@ def build(
     dtype from metadata network_data_format; entries with input_profiles are called at each profile's opt shapes.
 
     Args:
-        config_file: config file(s), merged in order (default configs/inference.json + configs/inference_trt.json).
-        bundle_root: the bundle directory (also overrides the config's `bundle_root`).
-        meta_file: metadata.json (default: beside the first config file).
-        net_id: config id of the network the evaluator runs.
-        patch_id: config id of the monai_trt patch.
-        ckpt: checkpoint to load (default: the CheckpointLoader's load_path, else models/model.pt).
         batch: batch size (or list of sizes) to call the network with; must lie in every dynamic_batchsize range.
         spatial_shape: override of network_data_format spatial_shape, e.g. "[96,96,96]".
         json: print the result as JSON.
@@ -99,7 +89,7 @@ def build(
     progress = _progress(quiet)
     start = time.perf_counter()
     with cli_logging(verbose), progress:
-        bundle = load_bundle(config_file, bundle_root, meta_file, net_id, patch_id, ckpt, override)
+        bundle = load_bundle(source, override)
         progress.note(f"bundle {bundle.name}: {type(bundle.network).__name__}, {len(bundle.patch)} patch "
                       f"entr{'y' if len(bundle.patch) == 1 else 'ies'}, weights {bundle.weights or 'from config'}")
         from monai_trt.bundle.build import build_engines  # imports the exporters
@@ -150,13 +140,9 @@ def ls(cache_dir: str | None = None, json: bool = False) -> None:
         print(f"  {entry.key[:12]}: {entry.status}: {entry.reason}")
 
 
+@bundle_command
 def verify(
-    config_file: Any = None,
-    bundle_root: str | None = None,
-    meta_file: str | None = None,
-    net_id: str = "network",
-    patch_id: str = "trt_patch",
-    ckpt: str | None = None,
+    source: BundleSource,
     cache_dir: str | None = None,
     tolerance: float | None = None,
     seed: int = 0,
@@ -169,7 +155,6 @@ def verify(
 
     Inputs follow the entry's recorded spec (names, dtypes, min/opt/max shapes of its profile); the measure is the
     largest relative L2 error of the outputs, judged by the per-precision tolerance the runtime uses.
-    Config flags are those of `build`.
 
     Args:
         cache_dir: cache root to check (default: the patch entries' paths).
@@ -179,7 +164,7 @@ def verify(
     """
     progress = _progress(quiet)
     with cli_logging(verbose), progress:
-        bundle = load_bundle(config_file, bundle_root, meta_file, net_id, patch_id, ckpt, override)
+        bundle = load_bundle(source, override)
         from monai_trt.bundle.build import verify_entries  # imports the exporters
 
         roots = [cache_dir] if cache_dir else sorted({e.path for e in bundle.patch}) or [default_cache_dir()]
