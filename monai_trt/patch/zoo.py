@@ -109,6 +109,7 @@ class Conversion:
         source: the zoo TensorRT config that was read.
         inference: the bundle's inference config the patch merges onto.
         out: where the patch was written; None for a dry run.
+        bundle_root: the bundle directory (paths in `run_command` are relative to it).
     """
 
     patch: dict[str, Any]
@@ -120,6 +121,7 @@ class Conversion:
     source: Path | None = None
     inference: Path | None = None
     out: Path | None = None
+    bundle_root: Path | None = None
 
     @property
     def notes(self) -> list[str]:
@@ -127,9 +129,14 @@ class Conversion:
         return [f"mapped: {m}" for m in self.mapped] + [f"not mapped: {u}" for u in self.unmapped]
 
     def run_command(self, bundle_root: str | Path = ".") -> str:
-        """The `monai.bundle run` command for the converted patch (paths relative to the bundle root)."""
-        root = Path(bundle_root)
-        files = [_relative(self.inference, root), _relative(self.out or Path(DEFAULT_OUT), root)]
+        """The `monai.bundle run` command for the converted patch (config paths relative to the bundle root).
+
+        Args:
+            bundle_root: the `--bundle_root` value to print (e.g. as the user typed it).
+        """
+        root = self.bundle_root or Path(bundle_root)
+        out = self.out or root / DEFAULT_OUT
+        files = [_relative(self.inference, root), _relative(out, root)]
         quoted = ",".join(f"'{f}'" for f in files)
         return f'python -m monai.bundle run --config_file "[{quoted}]" --bundle_root {bundle_root}'
 
@@ -687,7 +694,7 @@ class _Converter:
         self.consumed.add(key)
         replaced = _norm(key.lstrip("+"))
         consumer = self._consumer_of(replaced)
-        ts_path = " ".join(re.findall(r"['\"]([^'\"]*\.ts)['\"]", value)) or value
+        ts_path = " ".join(p.lstrip("/") for p in re.findall(r"['\"]([^'\"]*\.ts)['\"]", value)) or value
         self.unmapped.append(f"'{key}': the pre-exported engine {ts_path} (weights baked in by trt_export) is not "
                              f"used; @{consumer} is the bundle's own network with its own checkpoint loading")
         flags = self._trt_export_flags(ts_path, replaced)
@@ -1175,7 +1182,7 @@ def convert_bundle(
     target = Path(out) if out is not None else Path(DEFAULT_OUT)
     target = target if target.is_absolute() else root / target
     conversion = Conversion(patch, tuple(styles), dict(converter.sections), loaders, converter.mapped,
-                            converter.unmapped, trt_path, inference_path, None)
+                            converter.unmapped, trt_path, inference_path, None, root)
     if dry_run:
         return conversion
     if target.exists() and not force and target.resolve() != trt_path.resolve():
