@@ -239,8 +239,9 @@ def test_vista3d_like_conditional_submodule_calls(tmp_path):
         "enc_args": {"dynamic_batchsize": [1, 2, 4], "output_lists": [[-1]], "timestamp": 1},
         "net_dev": "$@network_def.to(@device)",
         "encoder": "$trt_compile(@net_dev, @checkpoint, args=@enc_args, submodule=['down_layers.0'])",
-        "head": "$trt_compile(@net_dev, @checkpoint, args={'fallback': True}, submodule='conv_final') "
-                "if @head_enabled else @net_dev",
+        "max_prompt": 3,
+        "head": "$trt_compile(@net_dev, @checkpoint, args={'fallback': True, 'dynamic_batchsize': [1, 1, "
+                "@max_prompt]}, submodule='conv_final') if @head_enabled else @net_dev",
         "network": "$None if @encoder is None else @head",
     }))
     conversion = convert_bundle(bundle.root, method="onnxruntime", dry_run=True)
@@ -249,8 +250,11 @@ def test_vista3d_like_conditional_submodule_calls(tmp_path):
     notes = _notes(conversion)
     assert "never taken" in notes and "args.output_lists dropped" in notes and "args.timestamp dropped" in notes
     bundle.trt.write_text(bundle.trt.read_text().replace('"head_enabled": false', '"head_enabled": true'))
-    entries = convert_bundle(bundle.root, method="onnxruntime", dry_run=True).patch["trt_patch"]
+    assert "max_prompt" not in conversion.patch and "'max_prompt': 3 not carried" in notes
+    patch = convert_bundle(bundle.root, method="onnxruntime", dry_run=True).patch
+    entries = patch["trt_patch"]
     assert [e["submodule"] for e in entries] == ["down_layers.0", "conv_final"] and entries[1]["fallback"] is True
+    assert entries[1]["dynamic_batchsize"] == "$[1, 1, @max_prompt]" and patch["max_prompt"] == 3
 
 
 def test_parse_trt_export_commands():
@@ -261,6 +265,19 @@ def test_parse_trt_export_commands():
         "net_id": "network_def", "filepath": "models/a.ts", "precision": "<fp32/fp16>", "dynamic_batchsize": [1, 4, 8],
         "use_onnx": True, "converter_kwargs": {"a": 1}, "network_def#x": True, "use_trace": True,
     }]
+
+
+def test_check_patch_accepts_the_example_bundles():
+    root = Path(__file__).parents[1] / "bundles"
+    found = {b.name: {net: [loader.where for loader in loaders]
+                      for net, loaders in check_patch(b, "configs/inference_trt.json").items()}
+             for b in sorted(root.iterdir())}
+    assert found == {
+        "diffusion_generation": {"network": ["load_diffusion"], "autoencoder": ["load_autoencoder"]},
+        "spheres_segmentation": {"network": ["handlers::0"]},
+        "swin_unetr_btcv_segmentation": {"network": ["handlers::0"]},
+        "vista3d_segmentation": {"network": ["handlers::0"]},
+    }
 
 
 def test_find_checkpoint_loaders_follows_the_run():

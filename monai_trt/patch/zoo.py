@@ -401,7 +401,8 @@ def _zoo_engine_leftovers(config: Mapping[str, Any]) -> list[str]:
 
 
 def find_bundle_file(bundle_root: str | Path, stem: str, given: str | Path | None = None) -> Path:
-    """`configs/<stem>.json|yaml|yml` of a bundle (or `given`, relative to the bundle root).
+    """`configs/<stem>.json|yaml|yml` of a bundle, or `given` (a relative path is looked up under the bundle root first,
+    then under the current directory).
 
     Raises:
         ConversionError: the file does not exist.
@@ -409,7 +410,8 @@ def find_bundle_file(bundle_root: str | Path, stem: str, given: str | Path | Non
     root = Path(bundle_root)
     if given is not None:
         path = Path(given)
-        path = path if path.is_absolute() or path.exists() else root / path
+        if not path.is_absolute() and (root / path).is_file():
+            path = root / path
         if not path.is_file():
             raise ConversionError(f"{path} does not exist")
         return path
@@ -521,6 +523,8 @@ class _Converter:
         self.unmapped: list[str] = []
         self.targets: dict[str, _Target] = {}
         self.consumed: set[str] = set()  # zoo keys that were mapped
+        self.carried: list[str] = []  # zoo-only ids the entries reference
+        self.sections: dict[str, str] = {}
         # the inference config plus ids only the zoo file defines (e.g. vista3d's `network_dev`): alias lookups
         extra = {k: v for k, v in self.trt.items() if k not in self.inference and "#" not in k and "::" not in k}
         self.aux = {**extra, **{k: v for k, v in self.inference.items()}}
@@ -544,8 +548,22 @@ class _Converter:
                 f"{self.trt_path} is not a model-zoo TensorRT config: no id is set by trt_compile(...) or "
                 "torch.jit.load(...), so there is nothing to convert"
             )
+        self.carried = self._referenced_zoo_ids()
         self._other_keys()
         return self._assemble(), sorted(set(styles), key=styles.index)
+
+    def _referenced_zoo_ids(self) -> list[str]:
+        """Ids only the zoo file defines that the converted entries reference (e.g. a `max_prompt_size`)."""
+        carried: list[str] = []
+        todo = [json.dumps([t.entries for t in self.targets.values()])]
+        while todo:
+            for ref in _refs_in(todo.pop()):
+                top = ref.split("::")[0]
+                if top in self.trt and top not in self.inference and top not in self.consumed and top not in carried:
+                    carried.append(top)
+                    todo.append(json.dumps(self.trt[top]))
+                    self.mapped.append(f"'{top}': carried over (the converted entries reference it)")
+        return carried
 
     # -- trt_compile style ----------------------------------------------------------------------------------------
 
@@ -908,7 +926,7 @@ class _Converter:
         imports = self.inference.get("imports") if isinstance(self.inference.get("imports"), list) else []
         for key, value in self.trt.items():
             plain = key.lstrip("+")
-            if key in self.consumed or plain in self.consumed:
+            if key in self.consumed or plain in self.consumed or key in self.carried:
                 continue
             if key in self.keep:
                 self.mapped.append(f"'{key}' kept verbatim (keep option)")
@@ -957,6 +975,12 @@ class _Converter:
             applies.append(f"$monai_trt.apply(@{network.replace('::', '#')}, @{section}, enabled=@{SWITCH_ID})")
         if not applies:
             raise ConversionError(f"{self.trt_path}: no trt_compile call is taken, so there is nothing to patch")
+        taken = sorted(k for k in patch if not k.startswith("+") and k in self.inference and k != "imports")
+        if taken:
+            raise ConversionError(f"{self.inference_path.name} already defines {taken}, which the patch would replace; "
+                                  "rename them in the bundle or convert by hand")
+        for key in self.carried:
+            patch[key] = self.trt[key]
         for key in self.keep:
             if key not in self.trt:
                 raise ConversionError(f"keep: '{key}' is not a key of {self.trt_path.name}")
