@@ -358,3 +358,13 @@ def test_bad_options_and_existing_output(tmp_path):
     with pytest.raises(ConversionError, match="exists; pass force=True"):
         convert_bundle(bundle.root)
     assert convert_bundle(bundle.root, force=True).out.is_file()
+
+
+def test_build_args_the_method_does_not_take_are_dropped_with_a_note(tmp_path):
+    bundle = make_bundle("segresnet_sw", tmp_path / "b")
+    _edit(bundle.trt, trt_args={"build_args": {"builder_optimization_level": 4, "min_block_size": 3}})
+    keep = convert_bundle(bundle.root, dry_run=True)
+    assert keep.patch["trt_patch"][0]["build_args"] == {"builder_optimization_level": 4}
+    assert "build_args ['min_block_size'] are not options of method onnx" in _notes(keep)
+    ort = convert_bundle(bundle.root, method="onnxruntime", dry_run=True)
+    assert "build_args" not in ort.patch["trt_patch"][0]

@@ -513,6 +513,8 @@ class _Target:
 
 
 class _Converter:
+    """One conversion: reads both configs, maps every zoo key (or notes why not), assembles the patch."""
+
     def __init__(self, root: Path, inference_path: Path, trt_path: Path, readme: Path | None, method: str,
                  precision: str | None, keep: Sequence[str]) -> None:
         self.root, self.inference_path, self.trt_path, self.readme = root, inference_path, trt_path, readme
@@ -695,7 +697,7 @@ class _Converter:
                         f"{ZOO_DEFAULT_PRECISION}", ZOO_DEFAULT_PRECISION)
         zoo_method = entry.pop("method", None) or ZOO_DEFAULT_METHOD
         self._method(entry, key, zoo_method, "args.method" if "method" in args else "trt_compile's default")
-        if "build_args" not in args and entry["method"] in ("onnx", "auto"):
+        if "build_args" not in args and entry["method"] in ("onnx", "auto"):  # TensorRT's builder option
             entry["build_args"] = dict(ZOO_DEFAULT_BUILD_ARGS)
             self.mapped.append(f"'{key}': build_args {ZOO_DEFAULT_BUILD_ARGS} (trt_compile's default optimisation "
                                "level; monai_trt's own default is 3)")
@@ -873,12 +875,33 @@ class _Converter:
                               f"names that module (candidates: {in_inference or 'none'})")
 
     def _add_entry(self, network: str, style: str, entry: dict[str, Any], what: str) -> None:
+        self._filter_build_args(entry, what.split(":")[0])
         target = self.targets.setdefault(network, _Target(network, style))
         self._dynamic_batch(network, entry)
         self._training_mode(network)
         self._autoencoder(network, entry)
         target.entries.append(entry)
         self.mapped.append(what)
+
+    @staticmethod
+    def _accepted_build_args(method: str) -> set[str]:
+        from monai_trt.backends import BACKENDS  # noqa: PLC0415
+
+        if method == "auto":
+            return set().union(*(cls.default_build_args for cls in BACKENDS.values()))
+        return set(BACKENDS[method].default_build_args)
+
+    def _filter_build_args(self, entry: dict[str, Any], where: str) -> None:
+        """Drop build_args the entry's method does not take (e.g. TensorRT options after --method onnxruntime)."""
+        build_args = entry.get("build_args")
+        if not isinstance(build_args, Mapping) or not isinstance(entry.get("method"), str):
+            return
+        unknown = sorted(set(build_args) - self._accepted_build_args(entry["method"]))
+        if unknown:
+            self.unmapped.append(f"{where}: build_args {unknown} are not options of method {entry['method']}; dropped")
+            entry["build_args"] = {k: v for k, v in build_args.items() if k not in unknown}
+        if not entry["build_args"]:
+            del entry["build_args"]
 
     def _dynamic_batch(self, network: str, entry: dict[str, Any]) -> None:
         if entry.get("dynamic_batchsize") is not None or entry.get("input_profiles") or entry.get("submodule"):
