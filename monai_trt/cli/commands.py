@@ -1,4 +1,4 @@
-"""`python -m monai_trt <command>` (or `monai-trt`): build, ls, verify, clean, info, bench.
+"""`python -m monai_trt <command>` (or `monai-trt`): build, ls, verify, clean, info, bench, convert.
 
 Each command is a plain function whose signature is its command line (fire), with the config conventions of
 `python -m monai.bundle run`::
@@ -10,6 +10,7 @@ Each command is a plain function whose signature is its command line (fire), wit
     python -m monai_trt clean [--max_size 2GB | --all] [--yes]
     python -m monai_trt info [--json]
     python -m monai_trt bench --bundle_root <dir> | --workload w1 [--out DIR] [--modes ...]
+    python -m monai_trt convert <bundle_root> [--out FILE] [--method keep|auto|...]
 
 Results go to stdout (tables, or JSON with `--json`); progress and warnings go to stderr. Progress is shown on a
 terminal only; `--quiet` hides it there too. A failed build or verification exits with status 1.
@@ -33,7 +34,7 @@ from monai_trt.console import Progress, cli_logging, is_interactive
 from monai_trt.errors import MonaiTrtError, UsageError
 from monai_trt.patch.spec import default_cache_dir
 
-__all__ = ["build", "ls", "verify", "clean", "info", "bench", "main"]
+__all__ = ["build", "ls", "verify", "clean", "info", "bench", "convert", "main"]
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -249,6 +250,52 @@ def info(json: bool = False) -> None:
     print("method auto picks: " + "; ".join(f"{d} -> {m or 'nothing'}" for d, m in table["auto"].items()))
 
 
+def convert(
+    bundle_root: str,
+    out: str | None = None,
+    method: str = "keep",
+    precision: str | None = None,
+    keep: Any = None,
+    trt_file: str | None = None,
+    inference_file: str | None = None,
+    readme: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    json: bool = False,
+) -> None:
+    """Convert a model-zoo bundle's TensorRT config (`trt_compile` or `torch_tensorrt` style) into a monai_trt patch.
+
+    The patch merges on top of the bundle's own configs/inference.json and keeps its checkpoint loading; the
+    conversion is refused (nothing written) when the result could run on weights the plain run would not load.
+
+    Args:
+        bundle_root: the bundle directory.
+        out: where to write the patch (default configs/inference_monai_trt.json in the bundle).
+        method: engine method; `keep` maps the zoo file's own meaning (onnx / torch_trt), or auto, aoti, ...
+        precision: override of the precision the zoo file / README asks for.
+        keep: top-level ids of the zoo file to carry over as they are (default none).
+        trt_file: the zoo TensorRT config (default configs/inference_trt.json or .yaml).
+        inference_file: the bundle's inference config (default configs/inference.json or .yaml).
+        readme: the README documenting `trt_export` flags (default docs/README.md).
+        force: overwrite an existing output file.
+        dry_run: convert and check without writing.
+        json: print the result as JSON.
+    """
+    from monai_trt.bundle.zoo import convert_bundle
+
+    keep = [keep] if isinstance(keep, str) else list(keep or ())
+    done = convert_bundle(bundle_root, out, trt_file=trt_file, inference_file=inference_file, readme=readme,
+                          method=method, precision=precision, keep=keep, force=force, dry_run=dry_run)
+    if json:
+        print(jsonlib.dumps({
+            "out": str(done.out) if done.out else None, "patch": done.patch, "networks": done.networks,
+            "loaders": {k: [loader.describe() for loader in v] for k, v in done.loaders.items()},
+            "mapped": done.mapped, "unmapped": done.unmapped,
+        }, indent=2))
+    else:
+        print(done.report(bundle_root))
+
+
 def main() -> None:
     """Console entry point: run a command; a monai_trt error prints one message and exits with status 1."""
     import fire
@@ -257,7 +304,9 @@ def main() -> None:
     if "--" not in argv and any(a in ("--help", "-h") for a in argv[1:]):
         argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]  # else **override takes `help`
     try:
-        fire.Fire({"build": build, "ls": ls, "verify": verify, "clean": clean, "info": info, "bench": bench},
+        commands = {"build": build, "ls": ls, "verify": verify, "clean": clean, "info": info, "bench": bench,
+                    "convert": convert}
+        fire.Fire(commands,
                   command=argv, name="monai_trt")
     except MonaiTrtError as err:
         print(f"monai_trt: error: {err}", file=sys.stderr)
