@@ -24,6 +24,7 @@ from monai_trt.cache import CacheEntry, EngineCache, device_info, engine_key, pl
 from monai_trt.errors import BackendUnavailable, EngineBuildError, MonaiTrtError
 from monai_trt.events import Event, emit
 from monai_trt.export import DEFAULT_EXPORT_ARGS, FlatForward, precision_module
+from monai_trt.export.quiet import quiet_third_party, summarize_error
 from monai_trt.patch import PatchEntry
 from monai_trt.runtime.calls import CapturedCall, dtype_name, engine_float_dtype
 from monai_trt.runtime.profiles import plan_profiles, profile_accepts
@@ -267,7 +268,8 @@ class EngineSet:
             start = time.perf_counter()
             emit(Event(self.label, "phase", phase="export"))
             precision = backend.graph_precision(self.spec.precision)
-            module, forward = precision_module(self.module, self.original, precision)
+            with quiet_third_party():
+                module, forward = precision_module(self.module, self.original, precision)
             graph = FlatForward(module, forward, call.rebuild).eval()
             job = BuildJob(
                 module=graph,
@@ -279,7 +281,7 @@ class EngineSet:
                 timing_cache_dir=cache.timing_dir, refit=self.spec.refit,
                 weight_names=frozenset(graph_weights(graph)) if self.spec.refit != "none" else frozenset(),
             )
-            with torch.no_grad():
+            with torch.no_grad(), quiet_third_party():
                 artifacts = backend.build(job, tmp)
             emit(Event(self.label, "phase", phase="save"))
             return {
@@ -298,7 +300,8 @@ class EngineSet:
         except MonaiTrtError:
             raise
         except Exception as err:
-            message = f"building with method '{backend.name}' failed: {type(err).__name__}: {err}"
+            logger.debug("%s: build failed", self.label, exc_info=True)
+            message = f"building with method '{backend.name}' failed: {type(err).__name__}: {summarize_error(err)}"
             raise EngineBuildError(message) from err
         if built:
             self.builds += 1
