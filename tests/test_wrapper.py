@@ -191,6 +191,8 @@ def test_autocast_returns_the_dtype_pytorch_would(x):
     assert out.dtype == ref.dtype == torch.bfloat16
     with torch.inference_mode():
         assert net(x).dtype == torch.float32
+    wrapper = monai_trt.wrappers(net)[""]
+    assert wrapper.calls == {"engine": 2, "pytorch": 0} and not wrapper.disabled  # the engine served both
 
 
 def test_training_mode_runs_pytorch(cache_dir, x):

@@ -281,7 +281,8 @@ class EngineSet:
                 timing_cache_dir=cache.timing_dir, refit=self.spec.refit,
                 weight_names=frozenset(graph_weights(graph)) if self.spec.refit != "none" else frozenset(),
             )
-            with torch.no_grad(), quiet_third_party():
+            # the graph is exported in the entry's precision, never in the caller's autocast (not in the key)
+            with torch.no_grad(), quiet_third_party(), no_autocast(call.layout.device, True):
                 artifacts = backend.build(job, tmp)
             emit(Event(self.label, "phase", phase="save"))
             return {
