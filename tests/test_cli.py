@@ -321,6 +321,14 @@ def test_ls_of_a_missing_cache_creates_nothing(tmp_path, capsys):
     assert "0 entries" in capsys.readouterr().out and not (tmp_path / "none").exists()
 
 
+def test_ls_creates_no_side_directories(tmp_path, capsys):
+    root = tmp_path / "copied"
+    shutil.copytree(fake_entry(tmp_path / "built", "a").parent, root / "entries")  # entries/ only, as in an image
+    cli.ls(cache_dir=str(root))
+    assert "1 entry" in capsys.readouterr().out
+    assert sorted(p.name for p in root.iterdir()) == ["entries"]
+
+
 def test_clean_is_a_dry_run_until_yes(cache_dir, capsys):
     root = Path(cache_dir)
     good = fake_entry(root, "good")

@@ -125,7 +125,7 @@ def scan(root: str | os.PathLike) -> list[EntryInfo]:
     entries_dir = Path(root).expanduser() / "entries"
     if not entries_dir.is_dir():
         return []
-    cache = _inspector(Path(root).expanduser().absolute())
+    cache = EngineCache(Path(root).expanduser().absolute(), create=False)  # reading creates no side directories
     infos = []
     for path in cache.entries():
         usage = _read_json(path / USAGE)
@@ -142,14 +142,6 @@ def scan(root: str | os.PathLike) -> list[EntryInfo]:
             info.status, info.reason = "refused", str(err)
         infos.append(info)
     return infos
-
-
-def _inspector(root: Path) -> EngineCache:
-    """An EngineCache for reading: a read-only cache (e.g. baked into an image) cannot get its side directories."""
-    try:
-        return EngineCache(root)
-    except OSError:
-        return EngineCache(root, create=False)
 
 
 def _cuda_capabilities() -> dict[str, int]:

@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import monai_trt
-from monai_trt.bench.command import bench
 from monai_trt.bundle.load import BundleSource, bundle_command, load_bundle
 from monai_trt.cache.inventory import clean_cache, engine_table, format_size, parse_size, scan
 from monai_trt.console import Progress, cli_logging, is_interactive
 from monai_trt.errors import MonaiTrtError, UsageError
 from monai_trt.patch.spec import default_cache_dir
 
-__all__ = ["build", "ls", "verify", "clean", "info", "bench", "convert", "main"]
+__all__ = ["build", "ls", "verify", "clean", "info", "convert", "main"]
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -299,6 +298,8 @@ def convert(
 def main() -> None:
     """Console entry point: run a command; a monai_trt error prints one message and exits with status 1."""
     import fire
+
+    from monai_trt.bench.command import bench  # the optional benchmark: imported only to run a command
 
     argv = sys.argv[1:]
     if "--" not in argv and any(a in ("--help", "-h") for a in argv[1:]):
