@@ -356,8 +356,12 @@ def test_clean_all_removes_every_entry(cache_dir, capsys):
     root = Path(cache_dir)
     for name in "ab":
         fake_entry(root, name)
+    timing = root / "timing" / "trt10.13.0-sm90.cache"
+    timing.write_bytes(b"tactics")
+    cli.clean(yes=True)
+    assert timing.exists(), "a plain clean keeps the timing cache (it only speeds up builds)"
     cli.clean(all=True, yes=True)
-    assert entry_dirs(root) == [] and "removed 2 item(s)" in capsys.readouterr().out
+    assert entry_dirs(root) == [] and not timing.exists() and "removed 3 item(s)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("text, size", [("2GB", 2 * 10**9), ("500MiB", 500 * 2**20), ("1.5e3", 1500), (4096, 4096)])

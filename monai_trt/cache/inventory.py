@@ -208,10 +208,13 @@ def here_status(meta: Mapping[str, Any]) -> tuple[str, str]:
     return ("stale", "; ".join(diffs)) if diffs else ("ok", "")
 
 
-def leftovers(root: str | os.PathLike) -> list[tuple[Path, str]]:
-    """Quarantined entries and builds left behind by processes that are gone: (path, why)."""
+def leftovers(root: str | os.PathLike, timing: bool = False) -> list[tuple[Path, str]]:
+    """Quarantined entries and builds left behind by processes that are gone (and with `timing`, the TensorRT
+    timing caches, which only speed up later builds): (path, why)."""
     base = Path(root).expanduser()
     found = [(p, "quarantined entry") for p in sorted((base / "quarantine").glob("*")) if p.is_dir()]
+    if timing:
+        found += [(p, "TensorRT timing cache") for p in sorted((base / "timing").glob("*")) if p.is_file()]
     for path in sorted((base / "tmp").glob("*")):
         parts = path.name.split(".")
         if path.is_dir() and len(parts) >= 2 and parts[1].isdigit() and not pid_alive(int(parts[1])):
@@ -234,10 +237,12 @@ def clean_cache(
         problem = delete(root, entry) if yes else ""
         items.append({"key": entry.key, "path": str(entry.path), "size": entry.size, "why": why, "kind": "entry",
                       "deleted": yes and not problem, "skipped": problem})
-    for path, why in leftovers(root) if Path(root).expanduser().is_dir() else []:
-        size = _dir_size(path)
-        if yes:
+    for path, why in leftovers(root, timing=everything) if Path(root).expanduser().is_dir() else []:
+        size = _dir_size(path) if path.is_dir() else path.stat().st_size
+        if yes and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
+        elif yes:
+            path.unlink(missing_ok=True)
         items.append({"key": path.name, "path": str(path), "size": size, "why": why, "kind": "leftover",
                       "deleted": yes, "skipped": ""})
     kept = len(entries) - sum(1 for item in items if item["kind"] == "entry" and not item["skipped"])
