@@ -326,3 +326,14 @@ def test_calls_count_how_each_call_was_served(cache_dir):
     for batch in (2, 1, 3):  # 3 lies outside the engine's range: PyTorch
         run(net, torch.randn(batch, 1, 8, 8, 8))
     assert monai_trt.wrappers(net)[""].calls == {"engine": 2, "pytorch": 1}
+
+
+def test_one_engine_serves_every_smaller_batch_by_default(cache_dir):
+    """A sliding window's last, smaller batch uses the engine built for the window batch: no second build."""
+    net = monai_trt.apply(TinySeg().eval(), [ORT])
+    for batch in (4, 3, 1):
+        xb = torch.randn(batch, 1, 12, 12, 12)
+        torch.testing.assert_close(run(net, xb), reference(net, xb), rtol=1e-4, atol=1e-5)
+    wrapper = monai_trt.wrappers(net)[""]
+    assert wrapper.builds == 1 and wrapper.calls == {"engine": 3, "pytorch": 0}
+    assert len(entries(cache_dir)) == 1

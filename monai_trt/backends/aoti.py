@@ -47,7 +47,7 @@ class AotiBackend:
     default_build_args: ClassVar[Mapping[str, Any]] = {
         "max_autotune": False,
         "coordinate_descent_tuning": False,
-        "freezing": False,
+        "freezing": True,  # constant-folds baked-in weights, lets Inductor pick conv layouts (off for refit modes)
         "inductor_configs": {},
     }
 

@@ -29,7 +29,8 @@ def plan_profiles(entry: PatchEntry, call: CapturedCall) -> tuple[list[Any] | No
       when the backend supports several); names must match the forward's tensor inputs.
     - `dynamic_batchsize`: dim 0 ranges over [min, max] for every tensor input whose dim 0 is the batch size (that of
       the first tensor input); other inputs and dims as observed.
-    - neither: exactly the observed shapes.
+    - neither: dim 0 of the inputs batched with the first one ranges over [1, observed batch] (so one engine serves
+      every batch a sliding window uses, its smaller last batch included); other inputs and dims as observed.
     """
     shapes = call.shapes
     names = call.layout.names
@@ -43,20 +44,21 @@ def plan_profiles(entry: PatchEntry, call: CapturedCall) -> tuple[list[Any] | No
         if not matching:
             return None, f"input shapes {[list(s) for s in shapes]} are outside every input_profiles range"
         return [matching[0]] + [p for p in profiles if p is not matching[0]], ""
+    batch = next((shape[0] for shape in shapes if shape), None)
     if entry.dynamic_batchsize is not None:
         lo, opt, hi = entry.dynamic_batchsize
-        batch = next((shape[0] for shape in shapes if shape), None)
         if batch is not None and not lo <= batch <= hi:
             return None, f"batch size {batch} is outside dynamic_batchsize [{lo}, {opt}, {hi}]"
-        profile = []
-        for shape in shapes:
-            if not shape or shape[0] != batch:  # not batched with the first input (e.g. a [1] timestep): as observed
-                profile.append((list(shape), list(shape), list(shape)))
-                continue
-            rest = list(shape[1:])
-            profile.append(([lo, *rest], [opt, *rest], [hi, *rest]))
-        return [tuple(profile)], ""
-    return [tuple((list(s), list(s), list(s)) for s in shapes)], ""
+    else:
+        lo, opt, hi = 1, batch, batch
+    profile = []
+    for shape in shapes:
+        if not shape or shape[0] != batch:  # not batched with the first input (e.g. a [1] timestep): as observed
+            profile.append((list(shape), list(shape), list(shape)))
+            continue
+        rest = list(shape[1:])
+        profile.append(([lo, *rest], [opt, *rest], [hi, *rest]))
+    return [tuple(profile)], ""
 
 
 def _as_tuples(profile: Any) -> Any:
