@@ -211,6 +211,34 @@ def test_swin_window_attention_fp16():
     assert (rewritten - reference).abs().max() <= (explicit - reference).abs().max() * 1.5 + 1e-3
 
 
+class Fp32Softmax(nn.Module):
+    """Half-precision attention whose scores are cast up for the softmax and back down for `@ v`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(_rand(1, 4, 12, 12))
+
+    def forward(self, q, k, v):
+        return torch.softmax((q @ k.transpose(-2, -1)).float() * 0.3 + self.bias, -1).to(v.dtype) @ v
+
+
+class Fp32SoftmaxDtype(nn.Module):
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.3, -1, dtype=torch.float32).type_as(v) @ v
+
+
+@pytest.mark.parametrize("module", [Fp32Softmax, Fp32SoftmaxDtype])
+def test_half_attention_with_fp32_softmax(module):
+    net, args = module().eval(), tuple(t.half() for t in QKV)
+    program = _export(net.half(), args)
+    fused = _fuse(net, args, expected=1)
+    assert _count(fused, (torch.ops.aten.to.dtype, torch.ops.aten.type_as.default)) == 0
+    with torch.no_grad():
+        reference = copy.deepcopy(net).float()(*(t.float() for t in args))
+        explicit, rewritten = program.module()(*args).float(), fused.module()(*args).float()
+    assert (rewritten - reference).abs().max() <= (explicit - reference).abs().max() * 1.5 + 1e-3
+
+
 def test_monai_sablock():
     from monai.networks.blocks import SABlock
 
@@ -321,6 +349,20 @@ def test_decomposed_graph_and_decomposing_after():
     _close(decomposed, net, (_rand(3, 512, 24),))
     fused, _ = fuse_attention(program)
     _close(fused.run_decompositions(), net, (_rand(3, 512, 24),))  # as the ONNX exporter and Inductor do
+
+
+def test_onnx_export_of_the_rewritten_program(tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    net, args = _window_attention(mask=True)
+    fused = _fuse(net, args, expected=1)
+    path = str(tmp_path / "attn.onnx")
+    with torch.no_grad():
+        torch.onnx.export(fused, args, path, dynamo=True, dynamic_shapes=({0: Dim("batch", min=1, max=16)},))
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x = _rand(3, 512, 24)
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), net(x).detach(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

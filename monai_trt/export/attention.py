@@ -38,7 +38,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.export import ExportedProgram
+from torch.export.graph_signature import (
+    ExportGraphSignature,
+    OutputSpec,
+    TensorArgument,
+)
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.node import map_arg
 
 __all__ = ["fuse_attention", "fuse_attention_graph"]
@@ -65,12 +74,13 @@ _RESHAPE = {  # row-major reshapes: they keep the flat order of the elements
     aten.unflatten.int,
 }
 _COPY = {aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default}
-_CAST = {aten.to.dtype, aten._to_copy.default}
+_CAST = {
+    aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.to.other, aten._to_copy.default, aten.type_as.default
+}
 _TRANSPOSE = {aten.transpose.int, aten.permute.default}
 _ASSERTS = {getattr(aten, name).default for name in ("_assert_tensor_metadata",) if hasattr(aten, name)}
 _SDPA = aten.scaled_dot_product_attention.default
 _META_KEYS = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node")
-_PLAIN_FORMATS = (None, torch.preserve_format, torch.contiguous_format)
 
 
 class _NoMatch(Exception):
@@ -113,7 +123,7 @@ class _Site:
     peeled: list[Node] = field(default_factory=list)  # ops on q or k absorbed into the SDPA call
 
 
-def fuse_attention(program: torch.export.ExportedProgram) -> tuple[torch.export.ExportedProgram, int]:
+def fuse_attention(program: ExportedProgram) -> tuple[ExportedProgram, int]:
     """Rewrite every explicit attention of `program` into `aten.scaled_dot_product_attention`.
 
     Meant for the program `torch.export.export` returns, before `run_decompositions` (the `bmm` forms of a
@@ -222,8 +232,6 @@ def _passes_through(node: Node, source: Node) -> bool:
     if target is aten.dropout.default:
         args = _arguments(node)
         return not args["train"] or args["p"] == 0
-    if target is aten.clone.default:
-        return _arguments(node).get("memory_format") in _PLAIN_FORMATS
     if target in _COPY or target in _RESHAPE:
         return True
     if target in _CAST:
@@ -265,8 +273,6 @@ def _steps(node: Node) -> list[_Step]:
     if target in _RESHAPE:
         return [_Step(node, "reshape", node.args[0])]
     if target in _COPY:
-        if target is aten.clone.default and _arguments(node).get("memory_format") not in _PLAIN_FORMATS:
-            raise _NoMatch("clone to another memory format")
         return [_Step(node, "same", node.args[0])]
     if target in _CAST:
         if not _is_float_cast(node):
@@ -422,11 +428,15 @@ def _collect_scale(site: _Site) -> None:
     q = site.query.node
     if q.op == "call_function" and (q.target in _MUL or q.target in _DIV) and len(q.users) == 1:
         source, factor = q.args[0], q.args[1]
-        if isinstance(source, Node) and _finite_number(factor) and _val(source).dtype == _val(q).dtype:
-            if _same(_val(source).shape, _val(q).shape):
-                site.scale = site.scale / factor if q.target in _DIV else site.scale * factor
-                site.query = _Operand(source)
-                site.peeled.append(q)
+        if (
+            isinstance(source, Node)
+            and _finite_number(factor)
+            and _val(source).dtype == _val(q).dtype
+            and _same(_val(source).shape, _val(q).shape)
+        ):
+            site.scale = site.scale / factor if q.target in _DIV else site.scale * factor
+            site.query = _Operand(source)
+            site.peeled.append(q)
     if not math.isfinite(site.scale) or site.scale == 0:
         raise _NoMatch(f"scale {site.scale}")
 
@@ -560,13 +570,14 @@ def _arguments(node: Node) -> dict[str, Any]:
 
 
 def _is_float_cast(node: Node) -> bool:
-    """A cast from a float dtype to a float dtype that changes nothing else (which dtypes is checked later)."""
-    args = _arguments(node)
-    if any(args.get(k) is not None for k in ("layout", "device", "pin_memory")):
-        return False
-    if args.get("memory_format") not in (None, torch.preserve_format):
-        return False
-    return _val(node.args[0]).dtype.is_floating_point and _val(node).dtype.is_floating_point
+    """A cast between float dtypes on one device (which dtypes is checked later); memory formats do not matter."""
+    source, result = _val(node.args[0]), _val(node)
+    return (
+        source.dtype.is_floating_point
+        and result.dtype.is_floating_point
+        and source.device == result.device
+        and source.layout == result.layout == torch.strided
+    )
 
 
 def _per_head(factor: torch.Tensor, scores: torch.Tensor) -> bool:
@@ -580,8 +591,6 @@ def _finite_number(value: Any) -> bool:
 
 def _same(a: Sequence[Any], b: Sequence[Any]) -> bool:
     """Whether two shapes are equal for every value of their symbols (never adds a guard)."""
-    from torch.fx.experimental.symbolic_shapes import statically_known_true  # noqa: PLC0415
-
     return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
@@ -597,12 +606,8 @@ def _val(node: Any) -> torch.Tensor:
 
 
 def _fake_mode(graph: Graph) -> Any:
-    from torch._guards import detect_fake_mode  # noqa: PLC0415
-
     mode = detect_fake_mode([n.meta["val"] for n in graph.nodes if n.op == "placeholder" and "val" in n.meta])
     if mode is None:
-        from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
-
         mode = FakeTensorMode(allow_non_fake_inputs=True)
     return mode
 
@@ -624,13 +629,8 @@ def _copy_module(gm: GraphModule) -> GraphModule:
     return new
 
 
-def _with_graph(
-    program: torch.export.ExportedProgram, gm: GraphModule, renamed: dict[str, str]
-) -> torch.export.ExportedProgram:
+def _with_graph(program: ExportedProgram, gm: GraphModule, renamed: dict[str, str]) -> ExportedProgram:
     """`program` with graph module `gm`, its output specs following `renamed`."""
-    from torch.export.exported_program import ExportedProgram  # noqa: PLC0415
-    from torch.export.graph_signature import ExportGraphSignature, OutputSpec, TensorArgument  # noqa: PLC0415
-
     signature = program.graph_signature
     outputs = []
     for spec in signature.output_specs:
