@@ -133,16 +133,22 @@ def fuse_attention(program: ExportedProgram) -> tuple[ExportedProgram, int]:
         program: an exported program.
 
     Returns:
-        The rewritten program (`program` itself when nothing matched) and the number of attention sites rewritten.
+        The rewritten program (`program` itself when nothing matched, or, with a warning, when the rewrite failed)
+        and the number of attention sites rewritten.
     """
     if not any(n.op == "call_function" and n.target in _SOFTMAX for n in program.graph.nodes):
         return program, 0
-    gm = _copy_module(program.graph_module)
-    renamed: dict[str, str] = {}
-    count = fuse_attention_graph(gm, renamed)
-    if not count:
+    try:
+        gm = _copy_module(program.graph_module)
+        renamed: dict[str, str] = {}
+        count = fuse_attention_graph(gm, renamed)
+        if not count:
+            return program, 0
+        return _with_graph(program, gm, renamed), count
+    except Exception as error:  # an optional optimisation must not fail a build: keep the program as exported
+        debug = logger.isEnabledFor(logging.DEBUG)
+        logger.warning("attention rewrite skipped (%s: %s)", type(error).__name__, error, exc_info=debug)
         return program, 0
-    return _with_graph(program, gm, renamed), count
 
 
 def fuse_attention_graph(gm: GraphModule, renamed: dict[str, str] | None = None) -> int:
