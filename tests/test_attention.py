@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.export import Dim
 
-try:
-    from monai_trt.export.attention import fuse_attention
-except ModuleNotFoundError:  # monai_trt/export.py still shadows the monai_trt/export/ folder: load the file itself
-    _PATH = Path(__file__).resolve().parents[1] / "monai_trt" / "export" / "attention.py"
-    _SPEC = importlib.util.spec_from_file_location("monai_trt.export.attention", _PATH)  # logs under monai_trt
-    _MODULE = importlib.util.module_from_spec(_SPEC)
-    sys.modules[_SPEC.name] = _MODULE
-    _SPEC.loader.exec_module(_MODULE)
-    fuse_attention = _MODULE.fuse_attention
+from monai_trt.export.attention import fuse_attention
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 SOFTMAX = (torch.ops.aten.softmax.int, torch.ops.aten._softmax.default)
@@ -386,3 +376,16 @@ def test_aoti_compiles_the_rewritten_program(tmp_path):
         for batch in (1, 3):
             x = _rand(batch, 512, 24)
             torch.testing.assert_close(runner(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_an_aoti_engine_serves_the_fused_attention(trt_logs):
+    """Through monai_trt.apply: the build rewrites the attention, the engine validates and serves the call."""
+    import monai_trt
+
+    net, (x,) = _window_attention(mask=True)
+    wrapped = monai_trt.apply(copy.deepcopy(net).eval(), [{"method": "aoti", "precision": "fp32"}])
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), net(x), rtol=1e-4, atol=1e-5)
+    assert monai_trt.wrappers(wrapped)[""].calls == {"engine": 1, "pytorch": 0}
+    assert "rewrote 1 explicit attention(s) into scaled_dot_product_attention" in trt_logs.text()

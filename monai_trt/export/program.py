@@ -10,13 +10,16 @@ from typing import Any
 
 import torch
 
+from monai_trt.export.attention import fuse_attention
 from monai_trt.export.job import BuildJob
 
 __all__ = ["export_program", "export_onnx", "trace_examples", "dynamic_shapes", "tf32_enabled", "DEFAULT_EXPORT_ARGS"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_EXPORT_ARGS: Mapping[str, Any] = {"opset_version": 18, "strict": False}
+DEFAULT_EXPORT_ARGS: Mapping[str, Any] = {"opset_version": 18, "strict": False, "fuse_attention": True}
+# export_args consumed here rather than passed to torch.onnx.export
+_OWN_ARGS = ("strict", "fuse_attention")
 
 
 def trace_examples(job: BuildJob) -> tuple[torch.Tensor, ...]:
@@ -53,12 +56,19 @@ def tf32_enabled(enabled: bool) -> Iterator[None]:
 
 
 def export_program(job: BuildJob) -> torch.export.ExportedProgram:
-    """torch.export the job's adapter with its dynamic dimensions."""
+    """torch.export the job's adapter with its dynamic dimensions; explicit attention becomes fused SDPA.
+
+    With export_args `fuse_attention` (default true), `softmax(q·kᵀ·scale + bias) · v` chains are rewritten into
+    `scaled_dot_product_attention` (:mod:`.attention`; results identical up to rounding, validated like any engine).
+    """
     strict = bool(job.export_args.get("strict", False))
     with torch.no_grad(), tf32_enabled(job.precision == "tf32"):
-        return torch.export.export(
+        program = torch.export.export(
             job.module, trace_examples(job), dynamic_shapes=dynamic_shapes(job), strict=strict
         )
+    if job.export_args.get("fuse_attention", True):
+        program, _ = fuse_attention(program)
+    return program
 
 
 def export_onnx(job: BuildJob, path: str) -> list[str]:
@@ -67,7 +77,7 @@ def export_onnx(job: BuildJob, path: str) -> list[str]:
     Returns:
         The file names written into the directory of `path`.
     """
-    args = {k: v for k, v in job.export_args.items() if k != "strict"}
+    args = {k: v for k, v in job.export_args.items() if k not in _OWN_ARGS}
     directory = os.path.dirname(path)
     before = set(os.listdir(directory))
     with torch.no_grad():
