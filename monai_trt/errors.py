@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["MonaiTrtError", "PatchError", "BackendUnavailable", "EngineBuildError", "CacheError", "UsageError"]
+__all__ = [
+    "MonaiTrtError", "PatchError", "BackendUnavailable", "EngineBuildError", "ExportError", "CacheError", "UsageError",
+]
 
 
 class MonaiTrtError(RuntimeError):
@@ -19,6 +21,11 @@ class BackendUnavailable(MonaiTrtError):
 
 class EngineBuildError(MonaiTrtError):
     """Exporting or building an engine failed, or the built engine disagreed with PyTorch."""
+
+
+class ExportError(EngineBuildError):
+    """The network could not be exported to a graph (e.g. control flow on input values). Deterministic for a given
+    cache key, so the failure is remembered in the cache and not retried until something in the key changes."""
 
 
 class CacheError(MonaiTrtError):

@@ -17,7 +17,7 @@ ALLOWED = {
     "errors": set(),
     "files": set(),
     "events": set(),
-    "export": set(),
+    "export": {"errors"},
     "patch": {"errors"},
     "backends": {"errors", "events", "files", "export"},
     "cache": {"errors", "files", "backends"},

@@ -9,6 +9,7 @@ Layout under the cache root::
     tmp/<key>.<pid>.<random>/   builds in progress (renamed into entries/ when complete)
     quarantine/<key>.<time>/    entries that failed verification or loading, kept for inspection
     timing/<name>.cache         TensorRT tactic timing caches (per TensorRT version and GPU), shared by builds
+    failures/<key>.json         export failures (deterministic for their key): not retried until the key changes
 
 Artifacts are code (a .pt2 holds a shared library), so an entry is only loaded when it is owned by the current
 user, not group/world-writable, and every artifact matches the sha256 recorded in its meta.json.
@@ -85,7 +86,7 @@ class EngineCache:
         """Args: create: make the side directories (False: read-only inspection of an existing cache)."""
         self.root = root
         if create:
-            for sub in ("entries", "locks", "tmp", "quarantine", "timing"):
+            for sub in ("entries", "locks", "tmp", "quarantine", "timing", "failures"):
                 _private_dir(root / sub)
 
     @classmethod
@@ -252,6 +253,27 @@ class EngineCache:
             write_atomic(path, json.dumps(usage).encode())
         except (OSError, ValueError, TypeError):
             pass
+
+    def failure(self, key: str) -> str | None:
+        """Why exporting for `key` failed in an earlier process (None: no failure remembered, or an unreadable one)."""
+        path = self.root / "failures" / f"{key}.json"
+        try:
+            if path.is_symlink() or path.stat().st_uid != os.getuid():
+                return None  # only our own records can stop a build
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        reason = record.get("reason") if isinstance(record, dict) and record.get("key") == key else None
+        return reason if isinstance(reason, str) else None
+
+    def record_failure(self, key: str, key_inputs: Mapping[str, Any], reason: str) -> None:
+        """Remember that exporting for `key` failed (best effort), so later processes do not try again."""
+        record = {"key": key, "reason": reason, "time": time.time(), "key_inputs": key_inputs}
+        try:
+            _private_dir(self.root / "failures")
+            write_atomic(self.root / "failures" / f"{key}.json", json.dumps(record, default=str).encode())
+        except OSError as err:
+            logger.debug("could not record the export failure of %s: %s", key, err)
 
     def entries(self) -> Iterator[Path]:
         """Directories under entries/ (unverified)."""

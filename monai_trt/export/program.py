@@ -10,8 +10,11 @@ from typing import Any
 
 import torch
 
+from monai_trt.errors import ExportError
 from monai_trt.export.attention import fuse_attention
 from monai_trt.export.job import BuildJob
+from monai_trt.export.quiet import summarize_error
+from monai_trt.export.trace import export_onnx_traced
 
 __all__ = ["export_program", "export_onnx", "trace_examples", "dynamic_shapes", "tf32_enabled", "DEFAULT_EXPORT_ARGS"]
 
@@ -62,10 +65,13 @@ def export_program(job: BuildJob) -> torch.export.ExportedProgram:
     `scaled_dot_product_attention` (:mod:`.attention`; results identical up to rounding, validated like any engine).
     """
     strict = bool(job.export_args.get("strict", False))
-    with torch.no_grad(), tf32_enabled(job.precision == "tf32"):
-        program = torch.export.export(
-            job.module, trace_examples(job), dynamic_shapes=dynamic_shapes(job), strict=strict
-        )
+    try:
+        with torch.no_grad(), tf32_enabled(job.precision == "tf32"):
+            program = torch.export.export(
+                job.module, trace_examples(job), dynamic_shapes=dynamic_shapes(job), strict=strict
+            )
+    except Exception as err:
+        raise ExportError(f"torch.export failed: {type(err).__name__}: {summarize_error(err)}") from err
     if job.export_args.get("fuse_attention", True):
         program, _ = fuse_attention(program)
     return program
@@ -74,24 +80,41 @@ def export_program(job: BuildJob) -> torch.export.ExportedProgram:
 def export_onnx(job: BuildJob, path: str) -> list[str]:
     """Export the job's adapter to ONNX at `path` (weights may go to a `.data` file beside it).
 
+    The graph comes from torch.export (`dynamo=True`); when torch.export cannot capture it (e.g. Python control flow
+    on a buffer, as in DiNTS), from tracing, but only when the forward's decisions read no input values
+    (:mod:`.trace`).
+
     Returns:
         The file names written into the directory of `path`.
+
+    Raises:
+        ExportError: neither route gives a faithful graph.
     """
     args = {k: v for k, v in job.export_args.items() if k not in _OWN_ARGS}
     directory = os.path.dirname(path)
     before = set(os.listdir(directory))
-    with torch.no_grad():
-        program = torch.onnx.export(
-            job.module,
-            trace_examples(job),
-            path,
-            dynamo=True,
-            dynamic_shapes=dynamic_shapes(job),
-            input_names=list(job.input_names),
-            output_names=list(job.output_names) or None,
-            verbose=False,
-            **args,
-        )
-    if program is None and not os.path.exists(path):  # pragma: no cover - exporter contract
-        raise RuntimeError("torch.onnx.export produced no file")
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                job.module,
+                trace_examples(job),
+                path,
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes(job),
+                input_names=list(job.input_names),
+                output_names=list(job.output_names) or None,
+                verbose=False,
+                **args,
+            )
+    except Exception as err:
+        cause = f"{type(err).__name__}: {summarize_error(err, limit=300)}"
+        logger.info("%s: torch.export could not capture the graph (%s); trying a traced export", job.label, cause)
+        for name in set(os.listdir(directory)) - before:
+            os.unlink(os.path.join(directory, name))
+        try:
+            export_onnx_traced(job, path, int(args.get("opset_version", DEFAULT_EXPORT_ARGS["opset_version"])))
+        except ExportError as traced:
+            raise ExportError(f"torch.export failed ({cause}); {traced}") from err
+    if not os.path.exists(path):  # pragma: no cover - exporter contract
+        raise ExportError("torch.onnx.export produced no file")
     return sorted(set(os.listdir(directory)) - before)

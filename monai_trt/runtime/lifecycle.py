@@ -21,7 +21,7 @@ from torch import nn
 
 from monai_trt.backends import Backend, BuildJob, merge_build_args, resolve_method
 from monai_trt.cache import CacheEntry, EngineCache, device_info, engine_key, platform_info
-from monai_trt.errors import BackendUnavailable, EngineBuildError, MonaiTrtError
+from monai_trt.errors import BackendUnavailable, EngineBuildError, ExportError, MonaiTrtError
 from monai_trt.events import Event, emit
 from monai_trt.export import DEFAULT_EXPORT_ARGS, FlatForward, precision_module
 from monai_trt.export.quiet import quiet_third_party, summarize_error
@@ -234,6 +234,10 @@ class EngineSet:
         clock.lap("verify")
         built_now = cached is None
         if cached is None:
+            failed = cache.failure(key)
+            if failed is not None:
+                raise ExportError(f"{failed} (remembered from an earlier run; not retried until the network, its "
+                                  f"settings or the libraries change, or `python -m monai_trt clean --yes`)")
             cached = self._build(cache, key, key_inputs, call, profiles, backend, build_args, reference)
             clock.lap("build")
         weights = key_inputs["weights"] if self.spec.refit == "none" else None
@@ -298,6 +302,9 @@ class EngineSet:
         start = time.perf_counter()
         try:
             cached = cache.build(key, key_inputs, build)
+        except ExportError as err:
+            cache.record_failure(key, key_inputs, str(err))
+            raise
         except MonaiTrtError:
             raise
         except Exception as err:
