@@ -294,11 +294,11 @@ class EngineCache:
         return target
 
     def _prune_quarantine(self) -> None:
-        def mtime(path: Path) -> float:
+        def mtime(path: Path) -> int:
             try:
-                return path.lstat().st_mtime
+                return path.lstat().st_mtime_ns
             except OSError:
-                return 0.0
+                return 0
 
         kept, total = 0, 0
         for path in sorted((self.root / "quarantine").iterdir(), key=mtime, reverse=True):
