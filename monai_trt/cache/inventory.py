@@ -21,6 +21,7 @@ import torch
 from filelock import Timeout
 
 from monai_trt.backends import BACKENDS, resolve_method
+from monai_trt.cache.housekeeping import tree_size
 from monai_trt.cache.keys import device_info, platform_info
 from monai_trt.cache.store import USAGE, EngineCache, pid_alive
 from monai_trt.cache.trust import UntrustedCache, check_ancestors, check_dir
@@ -101,17 +102,6 @@ class EntryInfo:
         }
 
 
-def _dir_size(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -133,7 +123,7 @@ def scan(root: str | os.PathLike) -> list[EntryInfo]:
     for path in cache.entries():
         usage = _read_json(path / USAGE)
         usage = usage if isinstance(usage, dict) else {}
-        info = EntryInfo(key=path.name, path=path, size=_dir_size(path), status="ok")
+        info = EntryInfo(key=path.name, path=path, size=tree_size(path), status="ok")
         info.hits = int(usage.get("hits", 0)) if isinstance(usage.get("hits", 0), int) else 0
         info.last_used = usage.get("last_used") if isinstance(usage.get("last_used"), (int, float)) else None
         try:
@@ -270,7 +260,7 @@ def clean_cache(
         items.append({"key": entry.key, "path": str(entry.path), "size": entry.size, "why": why, "kind": "entry",
                       "deleted": yes and not problem, "skipped": problem})
     for path, why in leftovers(root, timing=everything) if Path(root).expanduser().is_dir() else []:
-        size = _dir_size(path) if path.is_dir() else path.stat().st_size
+        size = tree_size(path) if path.is_dir() else path.stat().st_size
         if yes and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         elif yes:

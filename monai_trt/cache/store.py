@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import stat
 import tempfile
@@ -34,6 +33,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from monai_trt.cache.housekeeping import prune_oldest, sweep_tmp
 from monai_trt.cache.keys import SCHEMA_VERSION, engine_key
 from monai_trt.cache.meta import MAX_META_BYTES, META, USAGE, check_meta, parse_meta
 from monai_trt.cache.trust import (
@@ -56,7 +56,6 @@ logger = logging.getLogger(__name__)
 _LOCK_POLL_SECONDS = 30.0
 _SIDE_DIRS = ("entries", "locks", "tmp", "quarantine", "timing")
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-_KEY = re.compile(r"[0-9a-f]{64}")
 QUARANTINE_KEEP = 3  # quarantined entries kept for inspection (newest first); older ones are deleted
 QUARANTINE_MAX_BYTES = 2 << 30  # ... and at most this much besides the newest one
 
@@ -78,17 +77,6 @@ class CacheEntry:
     path: Path
     meta: Mapping[str, Any]
     files: Path | None = None
-
-
-def _tree_size(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 class EngineCache:
@@ -290,27 +278,8 @@ class EngineCache:
         except OSError:
             pass
         logger.warning("moved bad cache entry %s aside to %s: %s", path, target, reason)
-        self._prune_quarantine()
+        prune_oldest(self.root / "quarantine", QUARANTINE_KEEP, QUARANTINE_MAX_BYTES)
         return target
-
-    def _prune_quarantine(self) -> None:
-        def mtime(path: Path) -> int:
-            try:
-                return path.lstat().st_mtime_ns
-            except OSError:
-                return 0
-
-        kept, total = 0, 0
-        for path in sorted((self.root / "quarantine").iterdir(), key=mtime, reverse=True):
-            size = _tree_size(path)
-            if kept == 0 or (kept < QUARANTINE_KEEP and total + size <= QUARANTINE_MAX_BYTES):
-                kept, total = kept + 1, total + size
-                continue
-            logger.info("removing old quarantined entry %s", path)
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ build
     def lock(self, key: str) -> FileLock:
@@ -363,7 +332,7 @@ class EngineCache:
             entry = self.lookup(key, required)
             if entry is not None:
                 return entry
-            self._sweep_tmp(key)
+            sweep_tmp(self.root / "tmp", key, self._lock_free)
             tmp = Path(tempfile.mkdtemp(prefix=f"{key}.{os.getpid()}.", dir=self.root / "tmp"))
             try:
                 result = dict(build(tmp))
@@ -399,23 +368,6 @@ class EngineCache:
             logger.warning("could not publish engine to %s (%s); using it from %s for this process", target, err, tmp)
             target = tmp
         return self.verify(key, target, required, stage=True)
-
-    def _sweep_tmp(self, key: str) -> None:
-        """Remove what dead processes left in tmp/: builds whose key lock is free (a builder holds it until it
-        publishes or fails, and a dead one, zombie or not, holds nothing) and private copies of processes that
-        are gone. Called by a builder holding `key`'s lock."""
-        for stale in (self.root / "tmp").iterdir():
-            parts = stale.name.split(".")
-            if len(parts) < 3 or not parts[1].isdigit():
-                continue
-            owner, pid = parts[0], int(parts[1])
-            if owner == "load":
-                gone = pid != os.getpid() and not pid_alive(pid)
-            else:
-                gone = owner == key or (_KEY.fullmatch(owner) is not None and self._lock_free(owner))
-            if gone and stale.is_dir() and not stale.is_symlink():
-                logger.info("removing leftover %s of a process that is gone", stale)
-                shutil.rmtree(stale, ignore_errors=True)
 
     def _lock_free(self, key: str) -> bool:
         lock = self.lock(key)
