@@ -28,7 +28,7 @@ from monai_trt.cache import store
 from monai_trt.cache.inventory import leftovers
 from monai_trt.cache.keys import engine_key
 from monai_trt.cache.store import BuildTimeout, EngineCache, pid_alive
-from monai_trt.errors import PatchError
+from monai_trt.errors import EngineBuildError, PatchError
 from monai_trt.patch import parse_patch
 from tests.nets import TinySeg
 
@@ -319,6 +319,9 @@ def test_hung_builder_means_pytorch_for_now_then_the_engine(tmp_path, x, process
     start = time.monotonic()
     run(waiter, x)  # the build is still running: no second wait
     assert time.monotonic() - start < 0.9 and wrapper.calls == {"engine": 0, "pytorch": 2}
+    strict = monai_trt.apply(copy.deepcopy(net), [{**ORT, "path": str(busy), "build_timeout": 0, "fallback": False}])
+    with pytest.raises(EngineBuildError, match="build_timeout"):
+        run(strict, x)
     shutil.copytree(tmp_path / "built" / "entries" / key, busy / "entries" / key)  # the other build is published
     torch.testing.assert_close(run(waiter, x), reference(net, x), rtol=1e-4, atol=1e-5)
     assert wrapper.calls["engine"] == 1 and wrapper.builds == 0
