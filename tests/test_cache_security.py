@@ -259,6 +259,38 @@ def test_load_failure_disables_the_engine_in_this_process_only(cache_dir, x, mon
     assert monai_trt.wrappers(healthy)[""].builds == 0 and monai_trt.wrappers(healthy)[""].calls["engine"] == 1
 
 
+STARVED = textwrap.dedent(
+    """
+    import json, resource, torch, monai_trt
+    from tests.nets import TinySeg
+    torch.manual_seed(0)
+    net, x = TinySeg().eval(), torch.randn(2, 1, 8, 8, 8)
+    with torch.no_grad():
+        net(x)  # PyTorch's own allocations happen before the limit
+    net = monai_trt.apply(net, [{"method": "onnxruntime", "precision": "fp32"}])
+    size = int([line for line in open("/proc/self/status") if line.startswith("VmSize")][0].split()[1]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (size + 8 * 2**20, resource.RLIM_INFINITY))  # 8 MB of address space left
+    with torch.no_grad():
+        net(x)
+    print(json.dumps(monai_trt.wrappers(net)[""].calls))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmSize from /proc")
+def test_process_short_of_address_space_leaves_the_shared_entry_alone(cache_dir, x):
+    torch.manual_seed(0)  # the same weights as the child's: the same key
+    net = TinySeg().eval()
+    run(monai_trt.apply(net, [ORT]), x)
+    env = {**os.environ, "MONAI_TRT_CACHE": cache_dir, "PYTHONPATH": str(ROOT_DIR)}
+    starved = subprocess.run([sys.executable, "-c", STARVED], env=env, capture_output=True, text=True, timeout=300)
+    assert starved.returncode == 0, starved.stderr[-2000:]
+    assert json.loads(starved.stdout.splitlines()[-1]) == {"engine": 0, "pytorch": 1}  # its thread pool could not start
+    assert count(Path(cache_dir) / "quarantine") == 0 and count(Path(cache_dir) / "entries") == 1
+    assert "could not be loaded in this process" in starved.stdout
+
+
 # ---------------------------------------------------------------- 4. a bad cache directory: refuse once, never grow
 def test_group_writable_entries_dir_is_refused_without_growing_the_cache(tmp_path, trt_logs):
     root = tmp_path / "c"
@@ -428,6 +460,7 @@ def test_cache_of_another_owner_is_used_read_only_only_when_trusted(tmp_path, mo
     assert root not in built.path.parents and sorted(os.listdir(root / "entries")) == [KEY]
 
 
+@pytest.mark.slow
 @needs_nobody
 def test_team_cache_prepared_by_another_account(shared_tmp):
     team = shared_tmp / "team"
