@@ -20,7 +20,7 @@ from torch import nn
 
 from monai_trt.backends import BACKENDS
 from monai_trt.bundle.load import Bundle, dtype_of, network_input, random_tensor, sw_batch_size
-from monai_trt.cache.inventory import EntryInfo, entry_device, scan
+from monai_trt.cache.inventory import EntryInfo, entry_device, scan, staged_files
 from monai_trt.errors import MonaiTrtError, UsageError
 from monai_trt.patch.spec import PatchEntry, parse_switch
 from monai_trt.runtime.calls import capture_call, engine_float_dtype, flatten_outputs, forward_signature
@@ -230,7 +230,8 @@ def _check(info: EntryInfo, module: nn.Module, tolerance: float | None, generato
         shapes = [list(inp[k]) for inp in profile]
         if shapes not in shape_sets:
             shape_sets.append(shapes)
-    engine = backend.load(info.path, meta, device)
+    with staged_files(info) as files:  # the bytes verified are the bytes loaded
+        engine = backend.load(files, meta, device)
     verdict = Verdict(info, "pass")
     for shapes in shape_sets:
         tensors = {}

@@ -5,13 +5,14 @@ Read-only except :func:`delete`; nothing here builds or loads an engine, and lis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,15 @@ import torch
 from filelock import Timeout
 
 from monai_trt.backends import BACKENDS, resolve_method
+from monai_trt.cache.housekeeping import tree_size
 from monai_trt.cache.keys import device_info, platform_info
 from monai_trt.cache.store import USAGE, EngineCache, pid_alive
+from monai_trt.cache.trust import UntrustedCache, check_ancestors, check_dir
 from monai_trt.errors import CacheError, MonaiTrtError
 
 __all__ = [
     "EntryInfo", "scan", "here_status", "ask_backend", "entry_device", "select_for_clean", "delete", "leftovers",
-    "clean_cache", "engine_table", "parse_size", "format_size", "METHOD_TITLES",
+    "clean_cache", "engine_table", "parse_size", "format_size", "METHOD_TITLES", "staged_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,7 +91,7 @@ class EntryInfo:
         return f"{cls}/{self.meta.get('submodule') or '<network>'}" if self.meta else "?"
 
     def to_json(self) -> dict[str, Any]:
-        io = self.meta.get("io") or {}
+        io = self.meta.get("io") if isinstance(self.meta.get("io"), dict) else {}
         return {
             "key": self.key, "path": str(self.path), "module_class": self.meta.get("module_class"),
             "submodule": self.meta.get("submodule"), "method": self.meta.get("method"),
@@ -99,21 +102,10 @@ class EntryInfo:
         }
 
 
-def _dir_size(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
@@ -126,14 +118,17 @@ def scan(root: str | os.PathLike) -> list[EntryInfo]:
     if not entries_dir.is_dir():
         return []
     cache = EngineCache(Path(root).expanduser().absolute(), create=False)  # reading creates no side directories
+    untrusted = _untrusted(cache)
     infos = []
     for path in cache.entries():
         usage = _read_json(path / USAGE)
         usage = usage if isinstance(usage, dict) else {}
-        info = EntryInfo(key=path.name, path=path, size=_dir_size(path), status="ok")
+        info = EntryInfo(key=path.name, path=path, size=tree_size(path), status="ok")
         info.hits = int(usage.get("hits", 0)) if isinstance(usage.get("hits", 0), int) else 0
         info.last_used = usage.get("last_used") if isinstance(usage.get("last_used"), (int, float)) else None
         try:
+            if untrusted:
+                raise CacheError(untrusted)
             info.meta = cache.verify(path.name, path).meta
             info.status, info.reason = here_status(info.meta)
         except CacheError as err:  # what the runtime would refuse to load: tampered, incomplete, not ours
@@ -142,6 +137,33 @@ def scan(root: str | os.PathLike) -> list[EntryInfo]:
             info.status, info.reason = "refused", str(err)
         infos.append(info)
     return infos
+
+
+def _untrusted(cache: EngineCache) -> str:
+    """Why the runtime would refuse the whole cache (another account could write it), or ""."""
+    real = Path(os.path.realpath(cache.root))
+    try:
+        check_ancestors(real, cache.owners)
+        for path in (real, real / "entries"):
+            check_dir(path, cache.owners, UntrustedCache)
+    except UntrustedCache as err:
+        return f"the cache is not used: {err}"
+    return ""
+
+
+@contextlib.contextmanager
+def staged_files(info: EntryInfo) -> Iterator[Path]:
+    """The entry's artifacts, verified again and copied into a private directory (removed on exit): what to load.
+
+    Raises:
+        CacheError: the entry no longer passes verification.
+    """
+    cache = EngineCache(info.path.parent.parent, create=False)
+    entry = cache.verify(info.key, info.path, stage=True)
+    try:
+        yield entry.files
+    finally:
+        cache.release(entry)
 
 
 def _cuda_capabilities() -> dict[str, int]:
@@ -239,7 +261,7 @@ def clean_cache(
         items.append({"key": entry.key, "path": str(entry.path), "size": entry.size, "why": why, "kind": "entry",
                       "deleted": yes and not problem, "skipped": problem})
     for path, why in leftovers(root, timing=everything) if Path(root).expanduser().is_dir() else []:
-        size = _dir_size(path) if path.is_dir() else path.stat().st_size
+        size = tree_size(path) if path.is_dir() else path.stat().st_size
         if yes and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         elif yes:

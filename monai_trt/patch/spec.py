@@ -23,6 +23,7 @@ METHODS = ("auto", "onnx", "torch_trt", "aoti", "onnxruntime")
 REFIT_MODES = ("none", "identical", "refit")
 ENV_SWITCH = "MONAI_TRT"
 ENV_CACHE = "MONAI_TRT_CACHE"
+DEFAULT_BUILD_TIMEOUT = 1800.0  # s; longer than any build measured here (SwinUNETR aoti ~170 s, TensorRT minutes)
 _TRUE = ("true", "1", "on", "yes")
 _FALSE = ("false", "0", "off", "no")
 
@@ -59,6 +60,8 @@ class PatchEntry:
         use_cuda_graph: capture CUDA graphs where the backend supports it.
         refit: none (weights baked in), identical or refit (engine stored without weights).
         output_names: names for the engine outputs (cosmetic: unlike trt_compile, outputs never become a dict).
+        build_timeout: longest wait, in seconds, for another process building the same engine; after it this
+            process runs PyTorch for now and picks the engine up once it is published (not part of the key).
     """
 
     submodule: str = ""
@@ -76,6 +79,7 @@ class PatchEntry:
     use_cuda_graph: bool = False
     refit: str = "none"
     output_names: tuple[str, ...] = ()
+    build_timeout: float = DEFAULT_BUILD_TIMEOUT
 
     def describe(self) -> str:
         """Short human-readable name used in log lines."""
@@ -189,6 +193,11 @@ def _parse_entry(index: int, raw: Any) -> list[PatchEntry]:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise PatchError(f"{where}.max_engines must be a positive integer, got {n!r}")
         values["max_engines"] = n
+    if raw.get("build_timeout") is not None:
+        seconds = raw["build_timeout"]
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < float("inf"):
+            raise PatchError(f"{where}.build_timeout must be a number of seconds >= 0, got {seconds!r}")
+        values["build_timeout"] = float(seconds)
     if raw.get("output_names") is not None:
         values["output_names"] = _names(raw["output_names"], f"{where}.output_names")
     dyn, profiles = raw.get("dynamic_batchsize"), raw.get("input_profiles")

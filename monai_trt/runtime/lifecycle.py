@@ -20,7 +20,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from monai_trt.backends import Backend, BuildJob, merge_build_args, resolve_method
-from monai_trt.cache import CacheEntry, EngineCache, device_info, engine_key, platform_info
+from monai_trt.cache import BuildTimeout, CacheEntry, EngineCache, device_info, engine_key, platform_info
+from monai_trt.cache.meta import ENGINE_FIELDS
 from monai_trt.errors import BackendUnavailable, EngineBuildError, ExportError, MonaiTrtError
 from monai_trt.events import Event, emit
 from monai_trt.export import DEFAULT_EXPORT_ARGS, FlatForward, precision_module
@@ -103,6 +104,7 @@ class EngineSet:
         self._weights: WeightsHasher | None = None
         self._architecture: str | None = None
         self._warned: set[str] = set()
+        self._busy: set[str] = set()  # keys whose build lock outlasted build_timeout once
 
     def warn_once(self, cause: str, msg: str, *args: Any) -> None:
         if cause not in self._warned:
@@ -230,7 +232,7 @@ class EngineSet:
         logger.debug("%s: key inputs hashed in %.3f s", self.label, time.perf_counter() - start)
         cache = open_cache(self.spec.path)
         clock = _Clock()
-        cached = cache.lookup(key)
+        cached = cache.lookup(key, required=ENGINE_FIELDS)
         clock.lap("verify")
         built_now = cached is None
         if cached is None:
@@ -238,7 +240,10 @@ class EngineSet:
             if failed is not None:
                 raise ExportError(f"{failed} (remembered from an earlier run; not retried until the network, its "
                                   f"settings or the libraries change, or `python -m monai_trt clean --yes`)")
-            cached = self._build(cache, key, key_inputs, call, profiles, backend, build_args, reference)
+            try:
+                cached = self._build(cache, key, key_inputs, call, profiles, backend, build_args, reference)
+            except BuildTimeout as err:
+                return self._wait_later(key, err)
             clock.lap("build")
         weights = key_inputs["weights"] if self.spec.refit == "none" else None
         loaded = self._load(cache, cached, backend, device, weights)
@@ -301,7 +306,10 @@ class EngineSet:
 
         start = time.perf_counter()
         try:
-            cached = cache.build(key, key_inputs, build)
+            # After one timeout on this key, later calls only check (without waiting) whether the build is done.
+            timeout = 0.0 if key in self._busy else self.spec.build_timeout
+            cached = cache.build(key, key_inputs, build, timeout=timeout, required=ENGINE_FIELDS)
+            self._busy.discard(key)
         except ExportError as err:
             cache.record_failure(key, key_inputs, str(err))
             raise
@@ -323,14 +331,34 @@ class EngineSet:
     def _load(
         self, cache: EngineCache, cached: CacheEntry, backend: Backend, device: torch.device, fingerprint: str | None
     ) -> LoadedEngine:
+        """Load the verified copy of `cached`. A meta.json the engine cannot be described from is an integrity
+        failure (quarantined, rebuilt by the next process); a backend that fails to load or returns an engine that
+        cannot serve is this process's problem (e.g. out of memory): the shared entry stays."""
         try:
-            engine = backend.load(cached.path, cached.meta, device, use_cuda_graph=self.spec.use_cuda_graph)
-            if cached.meta.get("refit", "none") != "none" and not is_refittable(engine):
-                raise TypeError(f"method '{backend.name}' returned an engine that cannot be refitted")
-            return LoadedEngine(engine, cached, fingerprint)
-        except Exception as err:  # an unloadable entry is moved aside, so that the next process rebuilds it
-            cache.quarantine(cached.key, f"could not be loaded: {type(err).__name__}: {err}")
-            raise EngineBuildError(f"cached engine {cached.path} could not be loaded: {err}") from err
+            try:
+                loaded = LoadedEngine(None, cached, fingerprint)
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+                cache.quarantine(cached.key, f"meta.json cannot describe the engine: {type(err).__name__}: {err}")
+                raise EngineBuildError(f"cached engine {cached.path} has an unusable meta.json: {err}") from err
+            try:
+                loaded.engine = backend.load(cached.files, cached.meta, device, use_cuda_graph=self.spec.use_cuda_graph)
+            except Exception as err:
+                raise EngineBuildError(f"cached engine {cached.path} could not be loaded in this process (the entry is "
+                                       f"kept for other processes): {type(err).__name__}: {err}") from err
+            if cached.meta.get("refit", "none") != "none" and not is_refittable(loaded.engine):
+                raise EngineBuildError(f"method '{backend.name}' returned an engine that cannot be refitted")
+            return loaded
+        finally:
+            cache.release(cached)
+
+    def _wait_later(self, key: str, err: BuildTimeout) -> None:
+        """Another process holds the build lock past `build_timeout`: PyTorch for now; later calls look again."""
+        self._busy.add(key)
+        if not self.spec.fallback:
+            raise EngineBuildError(str(err)) from err
+        self.warn_once(f"busy:{key}", "%s: %s; running PyTorch for now (later calls use the engine once that build "
+                       "is published, or build it if the other process dies)", self.label, err)
+        return None
 
     def _check_once(self, loaded: LoadedEngine, call: CapturedCall, reference: Reference, autocast: bool) -> None:
         if autocast not in loaded.checked_autocast:
