@@ -227,7 +227,9 @@ def _check(info: EntryInfo, module: nn.Module, tolerance: float | None, generato
     device, _ = entry_device(meta)
     floats = engine_float_dtype(backend.graph_precision(precision))
     forward = module.__dict__.get("forward")
-    if forward is None or getattr(forward, "is_monai_trt_wrapper", False):
+    if getattr(forward, "is_monai_trt_wrapper", False):
+        forward = forward.original  # the forward beneath the wrapper (an instance override included)
+    if forward is None:
         forward = types.MethodType(type(module).forward, module)
     signature = forward_signature(forward)
     profile = io["profiles"][0]

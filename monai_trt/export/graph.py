@@ -81,8 +81,9 @@ def plain_copy(module: nn.Module) -> nn.Module:
     for sub in clone.modules():
         wrapper = sub.__dict__.get("forward")
         if getattr(wrapper, "is_monai_trt_wrapper", False):
-            if wrapper.previous_forward is None:
+            beneath = wrapper.unwrap()
+            if beneath is None:
                 del sub.__dict__["forward"]
             else:
-                sub.__dict__["forward"] = wrapper.previous_forward
+                sub.__dict__["forward"] = beneath
     return clone.eval()

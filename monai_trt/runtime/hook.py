@@ -45,8 +45,7 @@ def remove(network: nn.Module) -> nn.Module:
     `network`."""
     for _, module, forward in _installed(network):
         while isinstance(forward, EngineWrapper):  # stacked by an older version: unwind to the user's forward
-            forward.usage.installed -= 1
-            forward = forward.previous_forward
+            forward = forward.unwrap()
         if forward is None:
             del module.__dict__["forward"]
         else:

@@ -92,8 +92,7 @@ class EngineWrapper:
     def __init__(self, module: nn.Module, spec: PatchEntry, network: str = "") -> None:
         previous = module.__dict__.get("forward")
         while isinstance(previous, EngineWrapper):  # never stack wrappers: keep the forward beneath them
-            previous.usage.installed -= 1
-            previous = previous.previous_forward
+            previous = previous.unwrap()
         self._setup(module, spec, network, previous, _register(spec.describe(network)))
 
     def _setup(self, module: nn.Module, spec: PatchEntry, network: str, previous: Any, usage: Usage) -> None:
@@ -209,6 +208,11 @@ class EngineWrapper:
     def _pytorch(self, args: Any, kwargs: Any) -> Any:
         self._served("pytorch")
         return self.original(*args, **kwargs)
+
+    def unwrap(self) -> Any:
+        """The forward beneath this wrapper (None: the class forward), for whoever takes the wrapper off a module."""
+        self.usage.installed -= 1
+        return self.previous_forward
 
     def __deepcopy__(self, memo: dict[int, Any]) -> EngineWrapper:
         """A copied module gets a fresh wrapper (engines are reloaded from the cache on demand).
