@@ -109,6 +109,7 @@ class EngineWrapper:
         self.usage = usage
         self._output_types: dict[Any, OutputTypes | str] = {}
         self._training_layers: list[tuple[str, nn.Module]] | None = None
+        self._noted_training = False
 
     @property
     def engines(self) -> dict[Any, list[LoadedEngine]]:
@@ -172,6 +173,10 @@ class EngineWrapper:
                     self.label, f"'{name}' ({type(layer).__name__})" if name else type(layer).__name__,
                     self.network or "network")
                 return True
+        if self.module.training and not self._noted_training:
+            self._noted_training = True
+            logger.info("%s: the module is in training mode, but none of its layers behaves differently there: calls "
+                        "without gradients use the engine", self.label)
         return False
 
     def _needs_autograd(self, args: Any, kwargs: Any) -> str:
