@@ -5,7 +5,7 @@ Add to a bundle (see configs/inference_trt.json)::
     "+imports": ["$import monai_trt"],
     "trt": true,
     "trt_patch": [{"submodule": "", "precision": "fp16"}],
-    "+initialize": ["$monai_trt.apply(@network, @trt_patch, enabled=@trt)"]
+    "+initialize": ["$monai_trt.apply(@network, @trt_patch, enabled=@trt, name='network')"]
 """
 
 from __future__ import annotations

@@ -12,10 +12,14 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 
 @pytest.fixture(autouse=True)
-def isolated_env(tmp_path, monkeypatch) -> None:
-    """Every test gets its own cache root and no MONAI_TRT override."""
+def isolated_env(tmp_path, monkeypatch) -> Iterator[None]:
+    """Every test gets its own cache root and no MONAI_TRT override; its wrappers are not reported at exit."""
+    from monai_trt.runtime.wrapper import USAGE
+
     monkeypatch.setenv("MONAI_TRT_CACHE", str(tmp_path / "engine-cache"))
     monkeypatch.delenv("MONAI_TRT", raising=False)
+    yield
+    USAGE.clear()  # the end-of-process report of never-called wrappers is for real runs (tested in a subprocess)
 
 
 @pytest.fixture

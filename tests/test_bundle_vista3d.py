@@ -50,7 +50,7 @@ def test_only_the_image_encoder_becomes_an_engine(runs):
     assert meta["module_class"].endswith("SegResEncoder")
     assert meta["io"]["names"] == ["x"] and meta["io"]["dtypes"] == ["float32"]
     assert len(json.loads(meta["outputs"]["spec"])) > 1  # the encoder returns its 5 feature maps as a list
-    assert "monai_trt 'image_encoder.encoder'" in logs["on"]
+    assert "monai_trt 'network.image_encoder.encoder'" in logs["on"]
     assert "engine disabled" not in logs["on"] and "runs in PyTorch" not in logs["on"]
 
 

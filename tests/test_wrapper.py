@@ -209,7 +209,7 @@ def test_unexportable_submodule_falls_back_once_with_a_warning(trt_logs):
     torch.testing.assert_close(run(net, -x), reference(net, -x))
     warnings = [r.getMessage() for r in trt_logs.records if r.levelname == "WARNING"]
     assert len(warnings) == 1
-    assert "'<network>' (onnxruntime, fp32)" in warnings[0] and "falling back to PyTorch" in warnings[0]
+    assert "'DataDependent' (onnxruntime, fp32)" in warnings[0] and "falling back to PyTorch" in warnings[0]
     assert monai_trt.wrappers(net)[""].disabled
 
 

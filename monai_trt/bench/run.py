@@ -241,8 +241,8 @@ def _e2e(work: Workload, mode: Mode, out: Path, patch: list[dict[str, Any]] | No
     if patch is not None:
         section: dict[str, Any] = {spec.patch_id: patch}
         if not spec.patch_files:
-            section.update({"+imports": ["$import monai_trt"],
-                            "+initialize": [f"$monai_trt.apply(@{spec.net_id}, @{spec.patch_id})"]})
+            apply_call = f"$monai_trt.apply(@{spec.net_id}, @{spec.patch_id}, name='{spec.net_id}')"
+            section.update({"+imports": ["$import monai_trt"], "+initialize": [apply_call]})
         (folder / "patch.json").write_text(jsonlib.dumps(section, indent=1))
         files += [str(f) for f in spec.patch_files] + [str(folder / "patch.json")]
     if mode.name == "amp":

@@ -68,7 +68,8 @@ def _batches(entries: Sequence[PatchEntry], batch: Any, bundle: Bundle) -> list[
             for entry in entries:
                 lo, _, hi = entry.dynamic_batchsize or (b, b, b)
                 if not lo <= b <= hi:
-                    raise UsageError(f"--batch {b} is outside {entry.describe()}'s dynamic_batchsize [{lo}, {hi}]")
+                    raise UsageError(f"--batch {b} is outside {entry.describe(bundle.net_id)}'s dynamic_batchsize "
+                                     f"[{lo}, {hi}]")
         return values
     if ranges:
         lo, hi = max(r[0] for r in ranges), min(r[2] for r in ranges)
@@ -99,8 +100,9 @@ def plan_calls(bundle: Bundle, batch: Any = None, spatial_shape: Any = None) -> 
         for index, profile in enumerate(entry.input_profiles):
             unknown = sorted(set(profile) - set(params))
             if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-                raise UsageError(f"{entry.describe()}: input_profiles[{index}] names {unknown} are not arguments of "
-                               f"its forward{tuple(params)}; name the profile's inputs after the forward's arguments")
+                raise UsageError(f"{entry.describe(bundle.net_id)}: input_profiles[{index}] names {unknown} are not "
+                               f"arguments of its forward{tuple(params)}; name the profile's inputs after the "
+                               "forward's arguments")
             kwargs = {}
             for name, (_lo, opt, _hi) in profile.items():
                 spec = fmt_inputs.get(name) if isinstance(fmt_inputs, Mapping) else None
@@ -118,7 +120,7 @@ def plan_calls(bundle: Bundle, batch: Any = None, spatial_shape: Any = None) -> 
                 logger.warning(
                     "%s has no dynamic_batchsize: its engine accepts only batch %s; a sliding window's last, smaller "
                     "batch builds another engine at run time (add \"dynamic_batchsize\": [1, %d, %d])",
-                    entry.describe(), " and ".join(map(str, batches)), max(batches), max(batches))
+                    entry.describe(bundle.net_id), " and ".join(map(str, batches)), max(batches), max(batches))
         for b in batches:
             x = random_tensor([b, *shape], dtype, device, generator)
             calls.append((f"network({name}:{[b, *shape]}:{str(dtype).removeprefix('torch.')})",
@@ -148,7 +150,7 @@ def build_engines(
     if not bundle.patch:
         raise UsageError("trt_patch is empty: nothing to build")
     before = _entry_keys(sorted({e.path for e in bundle.patch}))
-    apply(bundle.network, bundle.raw_patch, enabled=True)
+    apply(bundle.network, bundle.raw_patch, enabled=True, name=bundle.net_id)
     calls = plan_calls(bundle, batch, spatial_shape)
     for description, call in calls:
         if on_call is not None:
@@ -164,9 +166,13 @@ def build_engines(
     engines, failures = [], []
     for wrapper in wrappers(bundle.network).values():
         loaded = [e for group in wrapper.engines.values() for e in group]
-        label = wrapper.spec.describe()
+        label = wrapper.label
+        wrapper.usage.reported = True  # build reports every wrapper's outcome itself: not again at exit
         if wrapper.disabled:
             failures.append(f"{label}: {wrapper.disabled}")
+        elif not sum(wrapper.calls.values()):
+            failures.append(f"{label}: never served a call: the network's forward did not call this module's forward "
+                            "(the caller uses another method or its layers directly); patch the submodule it calls")
         elif not loaded:
             failures.append(f"{label}: no engine: the forward never called it with inputs its patch entry accepts "
                             "(see the warnings above)")
@@ -221,7 +227,9 @@ def _check(info: EntryInfo, module: nn.Module, tolerance: float | None, generato
     device, _ = entry_device(meta)
     floats = engine_float_dtype(backend.graph_precision(precision))
     forward = module.__dict__.get("forward")
-    if forward is None or getattr(forward, "is_monai_trt_wrapper", False):
+    if getattr(forward, "is_monai_trt_wrapper", False):
+        forward = forward.original  # the forward beneath the wrapper (an instance override included)
+    if forward is None:
         forward = types.MethodType(type(module).forward, module)
     signature = forward_signature(forward)
     profile = io["profiles"][0]

@@ -102,6 +102,7 @@ class Bundle:
         patch: the validated `trt_patch` entries.
         raw_patch: the parsed `trt_patch` section, as `monai_trt.apply` takes it.
         config: the merged raw config (for reading e.g. the inferer's sw_batch_size).
+        net_id: the network's config id (named in every monai_trt message about it).
     """
 
     root: Path
@@ -113,6 +114,7 @@ class Bundle:
     patch: tuple[PatchEntry, ...]
     raw_patch: Any
     config: Mapping[str, Any]
+    net_id: str = "network"
 
 
 def _config_files(config_file: Any, root: Path) -> list[Path]:
@@ -240,7 +242,7 @@ def load_bundle(source: BundleSource, override: Mapping[str, Any] | None = None)
     return Bundle(
         root=root, name=str(metadata.get("name") or root.name), metadata=metadata,
         meta_file=meta_path if meta_path.is_file() else None, network=network.eval(), weights=weights,
-        patch=parse_patch(raw_patch), raw_patch=raw_patch, config=parser.get(),
+        patch=parse_patch(raw_patch), raw_patch=raw_patch, config=parser.get(), net_id=net_id,
     )
 
 

@@ -72,13 +72,18 @@ def precision_module(module: nn.Module, forward: Callable[..., Any], precision: 
         if isinstance(sub, _NORMS):
             sub.float()
             sub.forward = _fp32_norm_forward(sub)
-    return clone, types.MethodType(type(clone).forward, clone)
+    return clone, clone.forward  # a forward overridden on the instance is kept (bound to the copy)
 
 
 def plain_copy(module: nn.Module) -> nn.Module:
-    """A deep copy with monai_trt's instance-level forward redirections removed."""
+    """A deep copy with monai_trt's instance-level forward redirections removed (the forward beneath each kept)."""
     clone = copy.deepcopy(module)
     for sub in clone.modules():
-        if getattr(sub.__dict__.get("forward"), "is_monai_trt_wrapper", False):
-            del sub.__dict__["forward"]
+        wrapper = sub.__dict__.get("forward")
+        if getattr(wrapper, "is_monai_trt_wrapper", False):
+            beneath = wrapper.unwrap()
+            if beneath is None:
+                del sub.__dict__["forward"]
+            else:
+                sub.__dict__["forward"] = beneath
     return clone.eval()

@@ -81,9 +81,15 @@ class PatchEntry:
     output_names: tuple[str, ...] = ()
     build_timeout: float = DEFAULT_BUILD_TIMEOUT
 
-    def describe(self) -> str:
-        """Short human-readable name used in log lines."""
-        return f"monai_trt '{self.submodule or '<network>'}' ({self.method}, {self.precision})"
+    def describe(self, network: str = "") -> str:
+        """Short human-readable name used in log lines, e.g. `monai_trt 'network.image_encoder' (aoti, fp16)`.
+
+        Args:
+            network: the config id of the network the entry patches (`monai_trt.apply(..., name=)`); the path is
+                `<network>` when neither it nor a submodule is known.
+        """
+        where = ".".join(part for part in (network, self.submodule) if part) or "<network>"
+        return f"monai_trt '{where}' ({self.method}, {self.precision})"
 
 
 _FIELDS = tuple(PatchEntry.__dataclass_fields__)

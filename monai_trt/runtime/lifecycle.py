@@ -33,7 +33,7 @@ from monai_trt.runtime.refit import REFIT_EXPORT_ARGS, engine_weights, graph_wei
 from monai_trt.runtime.stamps import WeightsHasher, architecture_fingerprint
 from monai_trt.runtime.validate import compare_outputs
 
-__all__ = ["EngineSet", "LoadedEngine", "Reference", "open_cache", "no_autocast"]
+__all__ = ["EngineSet", "LoadedEngine", "Reference", "open_cache", "no_autocast", "eval_mode"]
 
 logger = logging.getLogger(__name__)
 _CACHES: dict[str, EngineCache] = {}
@@ -75,11 +75,16 @@ class LoadedEngine:
     def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return self.engine(tensors)
 
-    def restore(self, outputs: list[torch.Tensor], autocast: bool) -> Any:
+    def restore(
+        self, outputs: list[torch.Tensor], autocast: bool,
+        dress: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+    ) -> Any:
+        """Engine outputs in PyTorch's dtypes and structure; `dress` gives the leaves PyTorch's tensor types."""
         dtypes = self.out_dtypes.get(autocast, self.out_dtypes[False])
         if len(outputs) != len(dtypes):
             raise EngineBuildError(f"engine {self.cached.path} returned {len(outputs)} outputs, expected {len(dtypes)}")
-        return pytree.tree_unflatten([o.to(d) for o, d in zip(outputs, dtypes)], self.out_spec)
+        leaves = [o.to(d) for o, d in zip(outputs, dtypes)]
+        return pytree.tree_unflatten(dress(leaves) if dress is not None else leaves, self.out_spec)
 
 
 class EngineSet:
@@ -279,7 +284,7 @@ class EngineSet:
             precision = backend.graph_precision(self.spec.precision)
             with quiet_third_party():
                 module, forward = precision_module(self.module, self.original, precision)
-            graph = FlatForward(module, forward, call.rebuild).eval()
+            graph = FlatForward(module, forward, call.rebuild)
             job = BuildJob(
                 module=graph,
                 example_inputs=tuple(call.tensors),
@@ -290,8 +295,9 @@ class EngineSet:
                 timing_cache_dir=cache.timing_dir, refit=self.spec.refit,
                 weight_names=frozenset(graph_weights(graph)) if self.spec.refit != "none" else frozenset(),
             )
-            # the graph is exported in the entry's precision, never in the caller's autocast (not in the key)
-            with torch.no_grad(), quiet_third_party(), no_autocast(call.layout.device, True):
+            # exported in eval mode (training flags restored after) and in the entry's precision, never in the
+            # caller's autocast (not in the key)
+            with torch.no_grad(), eval_mode(graph), quiet_third_party(), no_autocast(call.layout.device, True):
                 artifacts = backend.build(job, tmp)
             emit(Event(self.label, "phase", phase="save"))
             return {
@@ -394,6 +400,18 @@ class _Clock:
 
     def __str__(self) -> str:
         return ", ".join(self._laps)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """`module` in eval mode inside; every submodule's own training flag restored after (the user's mode is theirs)."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
 
 
 @contextlib.contextmanager
