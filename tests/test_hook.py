@@ -138,3 +138,11 @@ def test_refit_mode_is_checked_against_the_method():
     with pytest.raises(PatchError, match="method 'torch_trt' does not support refit 'identical'"):
         monai_trt.apply(TinySeg(), [{**ORT, "method": "torch_trt", "refit": "identical"}])
     assert monai_trt.wrappers(monai_trt.apply(TinySeg(), [{**ORT, "refit": "identical"}]))
+
+
+def test_precision_auto_is_fp32_on_cpu():
+    """CPUs without fast fp16 get fp32 engines by default; a CUDA module gets fp16 (resolved at apply)."""
+    net = monai_trt.apply(TinySeg(), [{"method": "onnxruntime"}])
+    assert monai_trt.wrappers(net)[""].spec.precision == "fp32"
+    net = monai_trt.apply(TinySeg(), [{"method": "onnxruntime", "precision": "fp16"}])
+    assert monai_trt.wrappers(net)[""].spec.precision == "fp16"

@@ -10,7 +10,7 @@ from monai_trt.patch.spec import PatchEntry, default_cache_dir, parse_patch, par
 
 def test_minimal_entry_gets_defaults(cache_dir):
     (entry,) = parse_patch([{}])
-    assert entry == PatchEntry(submodule="", path=cache_dir, precision="fp16", method="auto")
+    assert entry == PatchEntry(submodule="", path=cache_dir, precision="auto", method="auto")
 
 
 def test_single_dict_and_submodule_list_expand():
@@ -30,7 +30,7 @@ def test_empty_patch_is_nothing(empty):
         ("fp16", "must be a list"),
         (42, "must be a list"),
         ([3], r"trt_patch\[0\] must be a dict"),
-        ([{"precision": "fp8"}], r"precision must be one of \['fp32', 'tf32', 'fp16', 'bf16'\]"),
+        ([{"precision": "fp8"}], r"precision must be one of \['fp32', 'tf32', 'fp16', 'bf16', 'auto'\]"),
         ([{"method": "tensorrt"}], r"method must be one of"),
         ([{"refit": "yes"}], r"refit must be one of"),
         ([{"build_args": ["x"]}], r"build_args must be a dict"),

@@ -11,6 +11,7 @@ Layout under the cache root::
     quarantine/<key>.<time>/    entries that failed verification, kept for inspection (the newest few only)
     timing/<name>.cache         TensorRT tactic timing caches (per TensorRT version and GPU), shared by builds
     failures/<key>.json         export failures (deterministic for their key): not retried until the key changes
+    verdicts/<key>.json         per machine: the speed gate's measurement, and the weights the engine was validated with
 
 Artifacts are code (a .pt2 holds a shared library), so nothing is loaded unless the cache root, every directory above
 it, `entries/`, the entry and each artifact are safe from other accounts (:mod:`.trust`), meta.json passes its
@@ -55,7 +56,7 @@ __all__ = ["CacheEntry", "EngineCache", "BuildTimeout", "pid_alive", "QUARANTINE
 
 logger = logging.getLogger(__name__)
 _LOCK_POLL_SECONDS = 30.0
-_SIDE_DIRS = ("entries", "locks", "tmp", "quarantine", "timing", "failures")
+_SIDE_DIRS = ("entries", "locks", "tmp", "quarantine", "timing", "failures", "verdicts")
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 QUARANTINE_KEEP = 3  # quarantined entries kept for inspection (newest first); older ones are deleted
 QUARANTINE_MAX_BYTES = 2 << 30  # ... and at most this much besides the newest one
@@ -392,28 +393,35 @@ class EngineCache:
         except (OSError, ValueError, TypeError, AttributeError, CacheError):
             pass
 
-    def failure(self, key: str) -> str | None:
-        """Why exporting for `key` failed in an earlier process (None: no failure remembered, or an unreadable one)."""
-        path = self.root / "failures" / f"{key}.json"
+    def read_record(self, kind: str, key: str) -> dict[str, Any] | None:
+        """The `kind` record (`failures`, `verdicts`) of `key`; None when there is none or it is not trustworthy."""
+        path = self.root / kind / f"{key}.json"
         try:
             if path.is_symlink() or path.stat().st_uid not in self.owners:
-                return None  # only records of trusted owners can stop a build
+                return None  # only records of trusted owners can change what a process does
             record = parse_meta(path.read_bytes())
         except (OSError, ValueError, CacheError):
             return None
-        reason = record.get("reason") if isinstance(record, dict) and record.get("key") == key else None
-        return reason if isinstance(reason, str) else None
+        return record if isinstance(record, dict) and record.get("key") == key else None
 
-    def record_failure(self, key: str, key_inputs: Mapping[str, Any], reason: str) -> None:
-        """Remember that exporting for `key` failed (best effort), so later processes do not try again."""
-        record = {"key": key, "reason": reason, "time": time.time(), "key_inputs": key_inputs}
+    def write_record(self, kind: str, key: str, record: Mapping[str, Any]) -> None:
+        """Write (replace) the `kind` record of `key`, best effort; nothing in a read-only cache."""
         if not self.writable:
             return
         try:
-            make_private(self.root / "failures")
-            write_atomic(self.root / "failures" / f"{key}.json", _dumps(record))
+            make_private(self.root / kind)
+            write_atomic(self.root / kind / f"{key}.json", _dumps({**record, "key": key}))
         except OSError as err:
-            logger.debug("could not record the export failure of %s: %s", key, err)
+            logger.debug("could not write the %s record of %s: %s", kind, key, err)
+
+    def failure(self, key: str) -> str | None:
+        """Why exporting for `key` failed in an earlier process (None: no failure remembered, or an unreadable one)."""
+        reason = (self.read_record("failures", key) or {}).get("reason")
+        return reason if isinstance(reason, str) else None
+
+    def record_failure(self, key: str, key_inputs: Mapping[str, Any], reason: str) -> None:
+        """Remember that exporting for `key` failed, so later processes do not try again."""
+        self.write_record("failures", key, {"reason": reason, "time": time.time(), "key_inputs": key_inputs})
 
     def entries(self) -> Iterator[Path]:
         """Directories under entries/ (unverified)."""

@@ -22,6 +22,7 @@ PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 METHODS = ("auto", "onnx", "torch_trt", "aoti", "onnxruntime")
 REFIT_MODES = ("none", "identical", "refit")
 ENV_SWITCH = "MONAI_TRT"
+AUTO_MIN_SPEEDUP = 1.01  # method auto: an engine must beat PyTorch by 1 % on the same call, or PyTorch serves
 ENV_CACHE = "MONAI_TRT_CACHE"
 DEFAULT_BUILD_TIMEOUT = 1800.0  # s; longer than any build measured here (SwinUNETR aoti ~170 s, TensorRT minutes)
 _TRUE = ("true", "1", "on", "yes")
@@ -47,7 +48,8 @@ class PatchEntry:
     Attributes:
         submodule: dotted path inside the network; "" is the whole network.
         path: cache directory for this entry's engines.
-        precision: one of fp32, tf32, fp16, bf16.
+        precision: one of fp32, tf32, fp16, bf16, or auto (fp16 for a module on CUDA, fp32 elsewhere; resolved by
+            `monai_trt.apply` from where the module's weights are).
         method: one of auto, onnx, torch_trt, aoti, onnxruntime.
         build_args: user build options (merged over the backend's defaults when the engine is built).
         dynamic_batchsize: (min, opt, max) for dim 0 of every tensor input, or None.
@@ -62,11 +64,14 @@ class PatchEntry:
         output_names: names for the engine outputs (cosmetic: unlike trt_compile, outputs never become a dict).
         build_timeout: longest wait, in seconds, for another process building the same engine; after it this
             process runs PyTorch for now and picks the engine up once it is published (not part of the key).
+        min_speedup: the speed gate: an engine serves only when PyTorch takes at least this many times as long on
+            the same call (measured once per engine and machine, remembered in the cache); 0 turns it off. None:
+            1.01 with method auto (auto never makes a bundle slower), off for an explicitly named method.
     """
 
     submodule: str = ""
     path: str = ""
-    precision: str = "fp16"
+    precision: str = "auto"
     method: str = "auto"
     build_args: Mapping[str, Any] = field(default_factory=dict)
     dynamic_batchsize: tuple[int, int, int] | None = None
@@ -80,6 +85,14 @@ class PatchEntry:
     refit: str = "none"
     output_names: tuple[str, ...] = ()
     build_timeout: float = DEFAULT_BUILD_TIMEOUT
+    min_speedup: float | None = None
+
+    @property
+    def speed_gate(self) -> float:
+        """The effective `min_speedup` (0: no gate)."""
+        if self.min_speedup is not None:
+            return self.min_speedup
+        return AUTO_MIN_SPEEDUP if self.method == "auto" else 0.0
 
     def describe(self, network: str = "") -> str:
         """Short human-readable name used in log lines, e.g. `monai_trt 'network.image_encoder' (aoti, fp16)`.
@@ -174,7 +187,7 @@ def _parse_entry(index: int, raw: Any) -> list[PatchEntry]:
         raise PatchError(f"{where}: unknown key(s) {unknown}; accepted keys are {sorted(_FIELDS)}")
     values: dict[str, Any] = {}
     values["path"] = _as_str(raw.get("path") or default_cache_dir(), f"{where}.path")
-    values["precision"] = _choice(raw.get("precision", "fp16"), PRECISIONS, f"{where}.precision")
+    values["precision"] = _choice(raw.get("precision", "auto"), PRECISIONS + ("auto",), f"{where}.precision")
     values["method"] = _choice(raw.get("method", "auto"), METHODS, f"{where}.method")
     values["refit"] = _choice(raw.get("refit", "none"), REFIT_MODES, f"{where}.refit")
     values["build_args"] = _as_dict(raw.get("build_args"), f"{where}.build_args")
@@ -194,6 +207,11 @@ def _parse_entry(index: int, raw: Any) -> list[PatchEntry]:
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol <= 0:
             raise PatchError(f"{where}.tolerance must be a positive number, got {tol!r}")
         values["tolerance"] = float(tol)
+    if raw.get("min_speedup") is not None:
+        ratio = raw["min_speedup"]
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < float("inf"):
+            raise PatchError(f"{where}.min_speedup must be a number >= 0 (0: no speed gate), got {ratio!r}")
+        values["min_speedup"] = float(ratio)
     if "max_engines" in raw:
         n = raw["max_engines"]
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import difflib
 import logging
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -85,7 +86,8 @@ def apply(network: nn.Module, patch: Any, enabled: Any = True, name: str | None 
         remove(network)
         logger.info("monai_trt is off (trt=false or MONAI_TRT=0): '%s' runs in PyTorch", network_name)
         return network
-    targets = [(entry, _find(network, entry.submodule)) for entry in entries]
+    targets = [(_resolve_precision(entry, module), module)
+               for entry, module in ((e, _find(network, e.submodule)) for e in entries)]
     _check_distinct(targets)
     current = {id(m): (w.spec, w.label) for _, m, w in _installed(network)}
     if current and current == {id(m): (e, e.describe(network_name)) for e, m in targets}:
@@ -161,6 +163,13 @@ def module_device(module: nn.Module) -> torch.device:
     for tensor in module.buffers():
         return tensor.device
     return torch.device("cpu")
+
+
+def _resolve_precision(entry: PatchEntry, module: nn.Module) -> PatchEntry:
+    """`precision: auto`: fp16 where the module's weights are on CUDA, fp32 elsewhere (CPUs without fast fp16)."""
+    if entry.precision != "auto":
+        return entry
+    return replace(entry, precision="fp16" if module_device(module).type == "cuda" else "fp32")
 
 
 def _check_entry(entry: PatchEntry, module: nn.Module, network: str) -> str | None:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.utils._pytree as pytree
@@ -32,6 +32,7 @@ from monai_trt.runtime.profiles import plan_profiles, profile_accepts
 from monai_trt.runtime.refit import REFIT_EXPORT_ARGS, engine_weights, graph_weights, is_refittable
 from monai_trt.runtime.stamps import WeightsHasher, architecture_fingerprint
 from monai_trt.runtime.validate import compare_outputs
+from monai_trt.runtime.verdicts import Verdicts, median_seconds
 
 __all__ = ["EngineSet", "LoadedEngine", "Reference", "open_cache", "no_autocast", "eval_mode"]
 
@@ -39,8 +40,13 @@ logger = logging.getLogger(__name__)
 _CACHES: dict[str, EngineCache] = {}
 _CACHES_LOCK = threading.Lock()
 
-# PyTorch's own outputs for the call being served: (flat tensors, output structure), computed on demand.
-Reference = Callable[[], tuple[list[torch.Tensor], Any]]
+class Reference(Protocol):
+    """PyTorch's own outputs for the call being served: (flat tensors, output structure), computed on demand."""
+
+    def __call__(self) -> tuple[list[torch.Tensor], Any]: ...
+
+    def rerun(self) -> Any:
+        """Run the original forward on the call's inputs again (for timing), without keeping its outputs."""
 
 
 def open_cache(path: str) -> EngineCache:
@@ -68,6 +74,15 @@ class LoadedEngine:
         self.out_spec = pytree.treespec_loads(cached.meta["outputs"]["spec"])
         self.out_dtypes = {False: [getattr(torch, d) for d in cached.meta["outputs"]["dtypes"]]}
         self.checked_autocast: set[bool] = set()
+        self.serve = True  # False: the speed gate found it no faster than PyTorch; its shapes run in PyTorch
+        self.verdicts: Verdicts | None = None  # what this machine remembers about the entry
+
+    @classmethod
+    def pytorch_only(cls, cached: CacheEntry, fingerprint: str | None) -> LoadedEngine:
+        """A placeholder for an entry the speed gate rejected here: it holds no engine and serves nothing."""
+        placeholder = cls(None, cached, fingerprint)
+        placeholder.serve = False
+        return placeholder
 
     def accepts(self, shapes: tuple[tuple[int, ...], ...]) -> bool:
         return any(profile_accepts(p, shapes) for p in self.profiles)
@@ -125,6 +140,8 @@ class EngineSet:
         current = self._weights.digest() if self._weights is not None else None  # ~30 us unless weights changed
         for loaded in self.by_layout.get(call.layout, ()):
             if loaded.accepts(call.shapes) and loaded.fingerprint == current:
+                if not loaded.serve:
+                    return None
                 self._check_once(loaded, call, reference, autocast)
                 return loaded
         with self._lock:
@@ -132,6 +149,8 @@ class EngineSet:
                 self._sync_weights(current)
             for loaded in self.by_layout.get(call.layout, ()):
                 if loaded.accepts(call.shapes):
+                    if not loaded.serve:
+                        return None
                     self._check_once(loaded, call, reference, autocast)
                     return loaded
             if self.count() >= self.spec.max_engines:
@@ -141,7 +160,7 @@ class EngineSet:
             loaded = self._prepare(call, reference, autocast)
             if loaded is not None:
                 self.by_layout.setdefault(call.layout, []).append(loaded)
-            return loaded
+            return loaded if loaded is not None and loaded.serve else None
 
     def input_float_dtype(self, device: torch.device) -> torch.dtype:
         """The floating dtype the engine for `device` takes (inputs are cast to it)."""
@@ -177,7 +196,10 @@ class EngineSet:
                 if loaded.fingerprint == current:
                     kept.append(loaded)
                 elif loaded.refit_mode == "refit":
-                    self._refit(loaded, torch.device(layout.device), current)
+                    if loaded.serve:
+                        self._refit(loaded, torch.device(layout.device), current)
+                    else:
+                        loaded.fingerprint = current  # a placeholder: no weights to give it
                     kept.append(loaded)
                 else:
                     logger.info("%s: weights changed; engine %s (weights baked in or refit identical) is dropped",
@@ -251,14 +273,34 @@ class EngineSet:
                 return self._wait_later(key, err)
             clock.lap("build")
         weights = key_inputs["weights"] if self.spec.refit == "none" else None
+        verdicts = Verdicts(cache, key, device)
+        speed = verdicts.speed if self.spec.speed_gate else None
+        if speed is not None and not speed["serve"]:  # measured here before: PyTorch is as fast; nothing to load
+            cache.release(cached)
+            self._say_slower(cached, speed, remembered=True)
+            return LoadedEngine.pytorch_only(cached, self._weights.digest())
         loaded = self._load(cache, cached, backend, device, weights)
+        loaded.verdicts = verdicts
         clock.lap("load")
         if self.spec.refit != "none":
             self._refit(loaded, device, self._weights.digest())
             clock.lap("refit")
         cache.record_use(cached)
-        self._check(loaded, call, reference, autocast)
-        clock.lap("validate")
+        fingerprint = self._weights.digest()
+        if self.spec.refit != "refit" and not autocast and verdicts.validated(fingerprint):
+            loaded.checked_autocast.add(autocast)  # validated here before with these weights: no PyTorch forward
+            clock.lap("validated before")
+        else:
+            self._check(loaded, call, reference, autocast)
+            if self.spec.validate:
+                verdicts.record_validated(fingerprint)
+            clock.lap("validate")
+        if self.spec.speed_gate and speed is None:
+            engine_s, pytorch_s = self._time(loaded, call, reference, autocast)
+            loaded.serve = verdicts.record_speed(engine_s, pytorch_s, self.spec.speed_gate)
+            clock.lap(f"speed gate (engine {engine_s * 1e3:.1f} ms, PyTorch {pytorch_s * 1e3:.1f} ms)")
+            if not loaded.serve:
+                self._say_slower(cached, verdicts.speed, remembered=False)
         if built_now:
             logger.info("%s: first call took %s", self.label, clock)
         else:
@@ -365,6 +407,28 @@ class EngineSet:
         self.warn_once(f"busy:{key}", "%s: %s; running PyTorch for now (later calls use the engine once that build "
                        "is published, or build it if the other process dies)", self.label, err)
         return None
+
+    def _time(
+        self, loaded: LoadedEngine, call: CapturedCall, reference: Reference, autocast: bool
+    ) -> tuple[float, float]:
+        """Median seconds of the engine and of PyTorch on this very call (the speed gate's measurement)."""
+        device = torch.device(call.layout.device)
+
+        def engine() -> None:
+            with no_autocast(call.layout.device, autocast):
+                loaded.run(call.tensors)
+
+        return median_seconds(engine, device), median_seconds(reference.rerun, device)
+
+    def _say_slower(self, cached: CacheEntry, speed: Mapping[str, Any] | None, remembered: bool) -> None:
+        speed = speed or {}
+        self.warn_once(
+            f"slower:{cached.key}", "%s: the engine for these shapes is not %.2fx faster than PyTorch on this machine "
+            "(engine %.1f ms, PyTorch %.1f ms%s): they run in PyTorch (min_speedup; `python -m monai_trt clean --all` "
+            "forgets the measurement)", self.label, speed.get("min_speedup", self.spec.speed_gate),
+            1e3 * speed.get("engine_s", float("nan")), 1e3 * speed.get("pytorch_s", float("nan")),
+            ", measured in an earlier run" if remembered else "",
+        )
 
     def _check_once(self, loaded: LoadedEngine, call: CapturedCall, reference: Reference, autocast: bool) -> None:
         if autocast not in loaded.checked_autocast:

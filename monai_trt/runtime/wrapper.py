@@ -26,6 +26,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from monai_trt.cache.keys import digest
 from monai_trt.errors import EngineBuildError, MonaiTrtError
 from monai_trt.patch import PatchEntry
 from monai_trt.runtime.calls import (
@@ -136,7 +137,7 @@ class EngineWrapper:
         try:
             reference = _Reference(self.original, args, kwargs)
             loaded = self.engine_set.engine_for(call, reference, autocast)
-            output_types = self._output_types_for(call, reference) if loaded is not None else None
+            output_types = self._output_types_for(call, reference, loaded) if loaded is not None else None
             if loaded is None or output_types is None:
                 return self._pytorch(args, kwargs)
             with no_autocast(call.layout.device, autocast):
@@ -185,13 +186,22 @@ class EngineWrapper:
             return "an input"
         return "a parameter" if any(p.requires_grad for p in self.module.parameters()) else ""
 
-    def _output_types_for(self, call: CapturedCall, reference: Reference) -> OutputTypes | None:
-        """How to give engine outputs PyTorch's tensor types, learned once per call layout and input kinds."""
+    def _output_types_for(self, call: CapturedCall, reference: Reference, loaded: LoadedEngine) -> OutputTypes | None:
+        """How to give engine outputs PyTorch's tensor types, learned once per call layout and input kinds (and
+        remembered in the cache with the engine's validation, so a cache hit needs no PyTorch forward for it)."""
         key = call.output_key
         rule = self._output_types.get(key)
         if rule is None:
-            leaves, _ = reference()  # already computed when this call validated or built the engine
-            rule = self._output_types[key] = learn_output_types(leaves, call)
+            remembered_key = digest(key)
+            remembered = loaded.verdicts.output_types(remembered_key) if loaded.verdicts is not None else None
+            if remembered is not None:
+                rule = OutputTypes(remembered)
+            else:
+                leaves, _ = reference()  # already computed when this call validated or built the engine
+                rule = learn_output_types(leaves, call)
+                if isinstance(rule, OutputTypes) and loaded.verdicts is not None:
+                    loaded.verdicts.record_output_types(remembered_key, rule.sources)
+            self._output_types[key] = rule
         if isinstance(rule, str):
             self.engine_set.warn_once(f"types:{rule}", "%s: %s, which an engine cannot reproduce, so calls like this "
                                       "run in PyTorch", self.label, rule)
@@ -293,6 +303,10 @@ class _Reference:
                 raise _CallerError() from err
             self._value = flatten_outputs(outputs)
         return self._value
+
+    def rerun(self) -> Any:
+        with torch.no_grad():
+            return self._forward(*self._args, **self._kwargs)
 
 
 class _CallerError(Exception):

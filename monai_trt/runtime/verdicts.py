@@ -1,0 +1,113 @@
+"""What the first use of an engine taught, remembered per machine in the cache (`verdicts/<key>.json`).
+
+- The speed gate: engine and PyTorch timed on the same call; an engine that is not at least `min_speedup` times as
+  fast is not used for its shapes on this machine, in this process and later ones (nothing is rebuilt or re-measured).
+- Passed validations: the module-weights fingerprints an engine was validated against PyTorch with, so that a cache
+  hit costs a load, not a load plus a PyTorch forward. Engines built for `refit: refit` are validated after every
+  refit regardless.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from monai_trt.cache import EngineCache
+
+__all__ = ["Verdicts", "machine_id", "median_seconds"]
+
+RECORD = "verdicts"
+
+
+@lru_cache(maxsize=None)
+def machine_id(device_type: str, index: int | None = None) -> str:
+    """The machine an engine was measured on: GPU model (or CPU model) and platform."""
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name(index if index is not None else torch.cuda.current_device())
+    else:
+        name = _cpu_model()
+    return f"{device_type}:{name}|{platform.system()}-{platform.machine()}"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def median_seconds(run: Callable[[], Any], device: torch.device, repeats: int = 3) -> float:
+    """Median wall time of `run()` after one warm-up call (CUDA synchronised)."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+class Verdicts:
+    """The record of one cache key on one machine."""
+
+    def __init__(self, cache: EngineCache, key: str, device: torch.device) -> None:
+        self._cache, self._key = cache, key
+        self.machine = machine_id(device.type, device.index)
+        record = cache.read_record(RECORD, key) or {}
+        machines = record.get("machines")
+        self._machines: dict[str, Any] = dict(machines) if isinstance(machines, dict) else {}
+        mine = self._machines.get(self.machine)
+        self._mine: dict[str, Any] = dict(mine) if isinstance(mine, dict) else {}
+
+    @property
+    def speed(self) -> dict[str, Any] | None:
+        """The recorded measurement (`engine_s`, `pytorch_s`, `serve`), or None when not measured here yet."""
+        speed = self._mine.get("speed")
+        return speed if isinstance(speed, dict) and isinstance(speed.get("serve"), bool) else None
+
+    def validated(self, fingerprint: str) -> bool:
+        return fingerprint in (self._mine.get("validated") or ())
+
+    def output_types(self, call_key: str) -> tuple[int | None, ...] | None:
+        """The remembered output-type rule (see :class:`monai_trt.runtime.calls.OutputTypes`) for a call pattern."""
+        sources = (self._mine.get("output_types") or {}).get(call_key)
+        if isinstance(sources, list) and all(s is None or isinstance(s, int) for s in sources):
+            return tuple(sources)
+        return None
+
+    def record_output_types(self, call_key: str, sources: tuple[int | None, ...]) -> None:
+        self._mine["output_types"] = {**(self._mine.get("output_types") or {}), call_key: list(sources)}
+        self._save()
+
+    def record_speed(self, engine_s: float, pytorch_s: float, min_speedup: float) -> bool:
+        """Record a measurement; returns whether the engine serves (PyTorch takes >= min_speedup × its time)."""
+        serve = pytorch_s >= min_speedup * engine_s
+        self._mine["speed"] = {"engine_s": engine_s, "pytorch_s": pytorch_s, "min_speedup": min_speedup,
+                               "serve": serve, "time": time.time()}
+        self._save()
+        return serve
+
+    def record_validated(self, fingerprint: str) -> None:
+        done = [f for f in (self._mine.get("validated") or []) if isinstance(f, str) and f != fingerprint]
+        self._mine["validated"] = (done + [fingerprint])[-8:]  # a few recent weights, not an unbounded list
+        self._save()
+
+    def _save(self) -> None:
+        self._machines[self.machine] = self._mine
+        self._cache.write_record(RECORD, self._key, {"machines": self._machines})

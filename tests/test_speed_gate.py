@@ -1,0 +1,105 @@
+"""The speed gate and the remembered validation: measured once per engine and machine, kept in the cache."""
+
+from __future__ import annotations
+
+import torch
+
+import monai_trt
+import monai_trt.runtime.lifecycle as lifecycle
+from monai_trt.backends.onnxruntime import OnnxRuntimeBackend
+from monai_trt.patch import parse_patch
+from tests.nets import TinySeg
+
+ORT = {"method": "onnxruntime", "precision": "fp32"}
+
+
+def _run(net, x):
+    with torch.no_grad():
+        return net(x)
+
+
+def _new_process():
+    lifecycle._CACHES.clear()  # as a new process would
+
+
+def _twin(net: TinySeg) -> TinySeg:
+    twin = TinySeg().eval()
+    twin.load_state_dict(net.state_dict())
+    return twin
+
+
+class CountingSeg(TinySeg):
+    """Counts PyTorch forwards (engines do not run Python code)."""
+
+    forwards = 0
+
+    def forward(self, x):
+        CountingSeg.forwards += 1
+        return super().forward(x)
+
+
+def test_gate_is_on_for_auto_and_off_for_a_named_method():
+    assert parse_patch([{"method": "auto"}])[0].speed_gate == 1.01
+    assert parse_patch([ORT])[0].speed_gate == 0
+    assert parse_patch([{**ORT, "min_speedup": 1.2}])[0].speed_gate == 1.2
+
+
+def test_an_engine_slower_than_pytorch_is_not_used_nor_loaded_again(trt_logs, monkeypatch):
+    x = torch.randn(2, 1, 12, 12, 12)
+    net = monai_trt.apply(TinySeg().eval(), [{**ORT, "min_speedup": 1000.0}])  # no engine is 1000x faster
+    torch.testing.assert_close(_run(net, x), _run(monai_trt.remove(_twin(net)), x))
+    _run(net, x)
+    assert monai_trt.wrappers(net)[""].calls == {"engine": 0, "pytorch": 2}
+    assert monai_trt.wrappers(net)[""].builds == 1
+    assert trt_logs.text().count("not 1000.00x faster than PyTorch") == 1
+
+    loads = []
+    real = OnnxRuntimeBackend.load
+    monkeypatch.setattr(OnnxRuntimeBackend, "load", lambda *a, **k: loads.append(1) or real(*a, **k))
+    _new_process()
+    again = monai_trt.apply(_twin(net), [{**ORT, "min_speedup": 1000.0}])
+    _run(again, x)
+    wrapper = monai_trt.wrappers(again)[""]
+    assert wrapper.calls == {"engine": 0, "pytorch": 1} and wrapper.builds == 0 and loads == []
+    assert "measured in an earlier run" in trt_logs.text()
+
+
+def test_a_faster_engine_serves_and_is_not_measured_again(monkeypatch):
+    x = torch.randn(2, 1, 12, 12, 12)
+    net = monai_trt.apply(TinySeg().eval(), [{**ORT, "min_speedup": 1e-6}])
+    _run(net, x)
+    assert monai_trt.wrappers(net)[""].calls == {"engine": 1, "pytorch": 0}
+    timed = []
+    monkeypatch.setattr(lifecycle, "median_seconds", lambda *a, **k: timed.append(1) or 1.0)
+    _new_process()
+    again = monai_trt.apply(_twin(net), [{**ORT, "min_speedup": 1e-6}])
+    _run(again, x)
+    assert monai_trt.wrappers(again)[""].calls == {"engine": 1, "pytorch": 0} and timed == []
+
+
+def test_a_cache_hit_skips_the_pytorch_forward_once_validated_here():
+    x = torch.randn(2, 1, 12, 12, 12)
+    net = monai_trt.apply(CountingSeg().eval(), [ORT])
+    _run(net, x)
+    assert monai_trt.wrappers(net)[""].calls["engine"] == 1
+    _new_process()
+    twin = CountingSeg().eval()
+    twin.load_state_dict(net.state_dict())
+    again = monai_trt.apply(twin, [ORT])
+    CountingSeg.forwards = 0
+    torch.testing.assert_close(_run(again, x), _run(monai_trt.remove(_twin(net)), x), rtol=1e-4, atol=1e-5)
+    assert CountingSeg.forwards == 0, "a remembered validation must not run PyTorch again"
+    assert monai_trt.wrappers(again)[""].calls == {"engine": 1, "pytorch": 0}
+
+
+def test_refit_engines_are_validated_after_every_refit():
+    x = torch.randn(2, 1, 12, 12, 12)
+    net = monai_trt.apply(CountingSeg().eval(), [{**ORT, "refit": "refit"}])
+    _run(net, x)
+    _new_process()
+    twin = CountingSeg().eval()
+    twin.load_state_dict(net.state_dict())
+    again = monai_trt.apply(twin, [{**ORT, "refit": "refit"}])
+    CountingSeg.forwards = 0
+    _run(again, x)
+    assert CountingSeg.forwards == 1 and monai_trt.wrappers(again)[""].calls == {"engine": 1, "pytorch": 0}
