@@ -112,11 +112,8 @@ def test_an_engine_served_the_converted_run(runs, family):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="SimpleInferer engine outputs are plain tensors, not MetaTensors: Invertd and "
-                   "SaveImaged then write the mask at the network's size under a generic name (0_seg.png, 48x32 "
-                   "instead of img0_seg.png, 40x56). Fix in the wrapper (carry the input MetaTensor's meta to the "
-                   "outputs as PyTorch does), then remove this xfail")
 def test_simple_inferer_2d_output_matches_the_plain_run(runs):
+    """Engine outputs carry the input MetaTensor's metadata, so Invertd/SaveImaged write the image's size and name."""
     r = runs("simple2d")
     _assert_checkpoint_outputs("simple2d", r["out"], "trt")
 
@@ -129,9 +126,8 @@ def test_dints_gets_an_engine(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="generative bundle never calls .eval(): monai_trt runs training-mode modules "
-                   "in PyTorch, so the diffusion UNet gets no engine. Flip when training-mode inference is served")
 def test_diffusion_unet_gets_an_engine(runs):
+    """Never put in eval mode, but no layer behaves differently in training and no gradient is needed: served."""
     log = runs("diffusion")["log"]
     assert "engine ready in" in log
 
