@@ -1,11 +1,13 @@
-"""`python -m monai_trt bench`: PyTorch (fp32, tf32, AMP) against every available engine × precision, side by side,
-on this machine, in one run: network latency at the window batch, sliding-window time per volume, the end-to-end
-bundle run, engine build time, cache-hit start-up, peak GPU memory and accuracy against PyTorch fp32 (and labels).
+"""`python -m monai_trt bench`: PyTorch (eager fp32, tf32, AMP, fp16; torch.compile default and reduce-overhead)
+against every available engine × precision, side by side, on this machine, in one run: network latency at the window
+batch, sliding-window time per volume with speed-ups against fp32, the fastest eager mode and torch.compile, the
+end-to-end bundle run, engine build and compile time, cache-hit start-up, peak GPU memory and accuracy against PyTorch
+fp32 (and labels).
 
 Writes `results.json`, `results.md` and `chart.png` into `--out`. Each mode runs in turn in this process (engines
-through `monai_trt.apply` itself, with a fresh cache per mode so that the build is measured); start-up and
-end-to-end runs are fresh processes (see `bench_run.py`). A mode that fails is recorded with its error and the bench
-goes on.
+through `monai_trt.apply` itself with a fresh cache per mode, torch.compile in a fresh Inductor cache per mode, so
+that builds and compiles are measured); start-up and end-to-end runs are fresh processes (see `startup.py`). A mode
+that fails is recorded with its error and the bench goes on.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from typing import Any
 import torch
 
 from monai_trt.bench.measure import machine_info
-from monai_trt.bench.report import write_chart, write_markdown
-from monai_trt.bench.run import Clock, plan_modes, run_modes
+from monai_trt.bench.modes import plan_modes
+from monai_trt.bench.report import write_chart, write_json, write_markdown
+from monai_trt.bench.run import Clock, run_modes
 from monai_trt.bench.workload import bundle_workload, w1_settings, w1_workload
 from monai_trt.bundle.load import BundleSource, bundle_command
 from monai_trt.console import Progress, cli_logging, is_interactive
@@ -104,22 +107,26 @@ def bench(
     verbose: bool = False,
     **override: Any,
 ) -> None:
-    """Benchmark PyTorch fp32 / tf32 / AMP against every available engine × precision on this machine.
+    """Benchmark PyTorch (eager fp32 / tf32 / AMP / fp16, torch.compile) against every available engine × precision.
 
-    Per mode: network latency at the sliding-window batch, sliding-window seconds per volume, the bundle end to end
-    (`monai.bundle run`, NIfTI in → mask out), engine build time, cache-hit start-up (fresh process to first network
-    output, next to eager's), peak GPU memory, and accuracy against PyTorch fp32 (Dice, HD95, max abs / relative L2
-    error of the logits; against the labels too when the dataset has them). Medians over --repeats after --warmup
+    Per mode: network latency at the sliding-window batch, sliding-window seconds per volume (speed-ups against fp32,
+    the fastest eager mode and torch.compile), the bundle end to end (`monai.bundle run`, NIfTI in → mask out), engine
+    build or torch.compile time, engine cache-hit start-up (fresh process to first network output, next to eager's),
+    peak GPU memory, and accuracy against PyTorch fp32 (Dice, HD95, max abs / relative L2 error of the logits; against
+    the labels too when the dataset has them). Medians over --repeats after --warmup
     untimed runs, CUDA synchronised. Writes results.json, results.md and chart.png into --out; prints the table.
 
     Args:
         workload: instead of a bundle (--bundle_root), a built-in workload: `w1` (SwinUNETR feature 48, 1->2 channels,
             240x240x160 volume, ROI 96^3, sw_batch 8, overlap 0.5; random seeded weights and volume).
         out: output folder (engine caches per mode and end-to-end outputs go under it too).
-        modes: only these modes, e.g. "fp32,amp,aoti_fp16" (method names select all their precisions;
-            "eager", "engines" select groups).
+        modes: only these modes, e.g. "fp32,amp,eager_fp16,aoti_fp16,compile_fp16,compile_fp16_ro" (method names
+            select all their precisions; "eager", "compile", "engines" select groups; "compile_<precision>_ma"
+            (max-autotune) runs only when named). Default: all but max-autotune on CUDA; no tf32, eager_fp16 and
+            compile modes on CPU.
         methods: engine methods (default: every method available on the device; see `monai_trt info`).
-        precisions: engine precisions (default fp32,fp16 on CUDA, fp32 on CPU).
+        precisions: engine precisions (default fp32,fp16 on CUDA, fp32 on CPU) and torch.compile precisions (default
+            fp16 on CUDA, fp32 on CPU).
         device: cuda, cuda:N or cpu (default: cuda when available; for a bundle, overrides its `device` id).
         repeats: timed repeats (medians are reported, raw samples kept in the JSON).
         warmup: untimed runs before timing.
@@ -127,7 +134,8 @@ def bench(
         hd95: compute HD95 (can be slow on large volumes on CPU).
         skip_e2e: do not run the bundle end to end.
         skip_startup: do not measure start-up in fresh processes.
-        budget: seconds; once spent, remaining modes and phases are skipped (a running build is not interrupted).
+        budget: seconds; once spent, remaining modes and phases are skipped (a running build or compile is not
+            interrupted).
         workload_args: W1 settings to change, e.g. "{'feature_size': 12, 'shape': [64, 64, 64]}" (keys:
             feature_size, in_channels, out_channels, shape, roi, sw_batch, overlap, seed, window_size, depths).
         json: print results.json instead of the table.
@@ -179,7 +187,7 @@ def bench(
         }
         run_modes(work, plan, folder, settings, clock, results)
         results["total_s"] = clock.elapsed()
-        (folder / "results.json").write_text(jsonlib.dumps(results, indent=1, default=str))
+        write_json(results, folder / "results.json")
         markdown = write_markdown(results, folder / "results.md")
         chart = write_chart(results, folder / "chart.png")
         clock.log(f"done in {clock.elapsed():.0f} s: {folder / 'results.json'}, results.md"

@@ -1,6 +1,7 @@
-"""The modes `bench` compares and how each is run: eager PyTorch (fp32, tf32, AMP) and engines through
-`monai_trt.apply` (one fresh cache per mode, so the build is measured), each with its fresh-process start-up and
-end-to-end bundle run; a failing mode is recorded and the next one runs."""
+"""How `bench` runs each mode: eager PyTorch (fp32, tf32, AMP, fp16), torch.compile (a fresh Inductor cache per mode,
+so the compile is measured) and engines through `monai_trt.apply` (one fresh cache per mode, so the build is
+measured), engines each with their fresh-process start-up and end-to-end bundle run; a failing mode is recorded and
+the next one runs."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import statistics
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from monai_trt.backends import BACKENDS, get_backend
+from monai_trt.bench import compiled
 from monai_trt.bench.measure import (
     compare_outputs_to,
     peak_memory,
@@ -28,85 +29,15 @@ from monai_trt.bench.measure import (
     sync,
     timed,
 )
+from monai_trt.bench.modes import Mode
+from monai_trt.bench.report import write_json
 from monai_trt.bench.workload import Workload
 from monai_trt.errors import UsageError
 from monai_trt.events import EVENTS_ENV, read_events
 from monai_trt.export.program import tf32_enabled
-from monai_trt.patch.spec import PRECISIONS
 from monai_trt.runtime.hook import apply, remove, wrappers
 
-__all__ = ["Mode", "Clock", "plan_modes", "run_modes", "EAGER_MODES"]
-
-EAGER_MODES = ("fp32", "tf32", "amp")
-
-
-@dataclass(frozen=True)
-class Mode:
-    """One column of the comparison: eager PyTorch (`fp32`, `tf32`, `amp`) or an engine (`<method>_<precision>`)."""
-
-    name: str
-    kind: str
-    precision: str
-    method: str | None = None
-    skip: str | None = None
-
-
-def _names(value: Any, what: str) -> list[str] | None:
-    """A comma-separated string or a list (fire gives either) → names; None when not given."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        items = [v.strip() for v in value.split(",")]
-    elif isinstance(value, (list, tuple)):
-        items = [str(v).strip() for v in value]
-    else:
-        raise UsageError(f"--{what} must be a comma-separated list, got {value!r}")
-    items = [v for v in items if v and v.lower() != "none"]
-    return items
-
-
-def plan_modes(device: torch.device, modes: Any = None, methods: Any = None, precisions: Any = None) -> list[Mode]:
-    """The modes to run, in order (fp32 first: it is the accuracy reference).
-
-    Defaults: eager fp32, tf32 (CUDA only) and amp; engines for every method available on `device` × precisions
-    fp32, fp16 on CUDA (fp32 on CPU). Requested combinations that cannot run here are kept with a `skip` reason.
-
-    Raises:
-        UsageError: an unknown method, precision or mode name (listing the valid ones).
-    """
-    cuda = device.type == "cuda"
-    method_list = _names(methods, "methods")
-    if method_list is None:
-        method_list = [m for m in BACKENDS if get_backend(m).unavailable_reason(device) is None]
-    unknown = sorted(set(method_list) - set(BACKENDS))
-    if unknown:
-        raise UsageError(f"--methods {unknown} unknown; valid methods: {list(BACKENDS)}")
-    precision_list = _names(precisions, "precisions")
-    if precision_list is None:
-        precision_list = ["fp32", "fp16"] if cuda else ["fp32"]
-    bad = sorted(set(precision_list) - set(PRECISIONS))
-    if bad:
-        raise UsageError(f"--precisions {bad} unknown; valid precisions: {list(PRECISIONS)}")
-    candidates = [Mode("fp32", "eager", "fp32"),
-                  Mode("tf32", "eager", "tf32", skip=None if cuda else "TF32 is a CUDA setting (same as fp32 on CPU)"),
-                  Mode("amp", "eager", "amp")]
-    for method in method_list:
-        backend = get_backend(method)
-        reason = backend.unavailable_reason(device)
-        for precision in precision_list:
-            why = (f"{method} is not available on {device}: {reason}" if reason else
-                   None if precision in backend.precisions else f"{method} does not support {precision}")
-            candidates.append(Mode(f"{method}_{precision}", "engine", precision, method, why))
-    wanted = _names(modes, "modes")
-    if wanted is None:
-        return [m for m in candidates if m.name != "tf32" or cuda]
-    valid = {m.name for m in candidates} | set(method_list) | {"eager", "engines"}
-    unknown = [w for w in wanted if w not in valid]
-    if unknown:
-        raise UsageError(f"--modes {unknown} unknown; valid: {sorted(valid)} (engine modes come from --methods × "
-                       f"--precisions: {method_list} × {precision_list})")
-    return [m for m in candidates if m.name in wanted or m.method in wanted
-            or (m.kind == "eager" and "eager" in wanted) or (m.kind == "engine" and "engines" in wanted)]
+__all__ = ["Clock", "run_modes"]
 
 
 # ---------------------------------------------------------------------------------------------------------- running
@@ -132,9 +63,10 @@ class Clock:
 
 
 @contextlib.contextmanager
-def _eager_context(mode: Mode, device: torch.device) -> Iterator[None]:
-    with tf32_enabled(mode.name == "tf32"), torch.no_grad():
-        if mode.name == "amp":
+def _torch_context(mode: Mode, device: torch.device) -> Iterator[None]:
+    """Eager and torch.compile modes: no grad, TF32 only for `tf32`, autocast only for `amp`."""
+    with tf32_enabled(mode.precision == "tf32"), torch.no_grad():
+        if mode.precision == "amp":
             with torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16):
                 yield
         else:
@@ -150,13 +82,22 @@ def _first_tensor(out: Any) -> torch.Tensor:
     raise UsageError(f"the inferer returned a {type(out).__name__} without tensors")
 
 
-def _measure(work: Workload, mode: Mode, repeats: int, warmup: int) -> tuple[dict[str, Any], list[torch.Tensor]]:
+def _context(mode: Mode, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    return (lambda: _torch_context(mode, device)) if mode.kind != "engine" else _engine_context
+
+
+def _window_batch(work: Workload) -> torch.Tensor:
+    return torch.rand(work.batch_shape, generator=torch.Generator().manual_seed(0)).to(work.device)
+
+
+def _measure(work: Workload, net: nn.Module, context: Callable[[], contextlib.AbstractContextManager], repeats: int,
+             warmup: int) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """Network latency at the window batch, then sliding-window seconds per volume; returns (row, outputs)."""
-    device, net = work.device, work.network
-    x = torch.rand(work.batch_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    device = work.device
+    x = _window_batch(work)
 
     def network_call() -> Any:
-        with _eager_context(mode, device) if mode.kind == "eager" else _engine_context():
+        with context():
             return net(x)
 
     row: dict[str, Any] = {}
@@ -166,7 +107,7 @@ def _measure(work: Workload, mode: Mode, repeats: int, warmup: int) -> tuple[dic
     volumes = [v.to(device) for v in work.volumes]
 
     def infer(volume: torch.Tensor) -> torch.Tensor:
-        with _eager_context(mode, device) if mode.kind == "eager" else _engine_context():
+        with context():
             return _first_tensor(work.infer(net, volume))
 
     for _ in range(warmup):
@@ -185,6 +126,34 @@ def _measure(work: Workload, mode: Mode, repeats: int, warmup: int) -> tuple[dic
                              "volumes": [list(v.shape) for v in work.volumes]}
     row["peak_mem_bytes"] = peak_memory(device)
     return row, outputs
+
+
+def _compile(work: Workload, mode: Mode, net: nn.Module, clock: Clock) -> tuple[nn.Module, dict[str, Any]]:
+    """torch.compile `net` and warm it up (window batch until steady, then one sliding-window pass); the build
+    record (compile time, call times)."""
+    context, device = _context(mode, work.device), work.device
+    clock.log(f"{mode.name}: first calls (torch.compile, mode {mode.compile_mode}), batch {list(work.batch_shape)}")
+    reset_peak_memory(device)
+    net = compiled.compile_network(net, mode.compile_mode)
+    x = _window_batch(work)
+
+    def call() -> None:
+        with context():
+            net(x)
+
+    build = {"compile_mode": mode.compile_mode, **compiled.warm_up(call, lambda: sync(device), clock.over)}
+    volume = work.volumes[0].to(device)
+    sync(device)
+    start = time.perf_counter()
+    with context():
+        work.infer(net, volume)
+    sync(device)
+    build["first_volume_s"] = time.perf_counter() - start
+    build["peak_mem_bytes"] = peak_memory(device)
+    clock.log(f"{mode.name}: first call {build['first_call_s']:.1f} s, {len(build['calls_s'])} calls to a "
+              f"{'steady' if build['stable'] else 'last'} {build['steady_call_s'] * 1e3:.1f} ms; first volume "
+              f"{build['first_volume_s']:.2f} s")
+    return net, build
 
 
 @contextlib.contextmanager
@@ -216,6 +185,28 @@ def _entry_count(cache: Path) -> int:
     return len(list(entries.iterdir())) if entries.is_dir() else 0
 
 
+def _build_engines(work: Workload, mode: Mode, out: Path, clock: Clock, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Patch the network for `mode` in a fresh cache and build on a first call; the build record goes into `row`."""
+    cache = out / "cache" / mode.name
+    shutil.rmtree(cache, ignore_errors=True)  # a fresh cache per mode: the build is measured
+    patch = _engine_patch(work, mode, cache)
+    apply(work.network, patch)
+    x = _window_batch(work)
+    clock.log(f"{mode.name}: first call (export + engine build + validation), batch {list(work.batch_shape)}")
+    reset_peak_memory(work.device)
+    start = time.perf_counter()
+    with _engine_context():
+        work.network(x)
+    sync(work.device)
+    engines = _engines_of(work)
+    row["build"] = {"first_call_s": time.perf_counter() - start,
+                    "engine_build_s": sum(e["build_s"] or 0.0 for e in engines), "engines": engines,
+                    "peak_mem_bytes": peak_memory(work.device)}
+    clock.log(f"{mode.name}: first call {row['build']['first_call_s']:.1f} s (engine build "
+              f"{row['build']['engine_build_s']:.1f} s, {len(engines)} engine(s))")
+    return patch
+
+
 def _engine_patch(work: Workload, mode: Mode, cache: Path) -> list[dict[str, Any]]:
     return [{**entry, "method": mode.method, "precision": mode.precision, "path": str(cache), "fallback": False}
             for entry in work.patch]
@@ -228,6 +219,10 @@ def _e2e(work: Workload, mode: Mode, out: Path, patch: list[dict[str, Any]] | No
         return {"status": "n/a", "reason": "the workload has no bundle"}
     if mode.name == "tf32":
         return {"status": "n/a", "reason": "a bundle run has no TF32 switch"}
+    if mode.name == "eager_fp16":
+        return {"status": "n/a", "reason": "a bundle run has no fp16 switch"}
+    if mode.kind == "compile":
+        return {"status": "n/a", "reason": "a bundle run has no torch.compile switch"}
     if mode.name == "amp" and spec.amp_id is None:
         return {"status": "n/a", "reason": "the bundle has no AMP switch (config id 'amp' or 'evaluator#amp')"}
     if mode.name == "amp" and work.device.type != "cuda":
@@ -266,36 +261,40 @@ def _e2e(work: Workload, mode: Mode, out: Path, patch: list[dict[str, Any]] | No
 def _run_mode(work: Workload, mode: Mode, out: Path, settings: dict[str, Any], reference: list[torch.Tensor] | None,
               clock: Clock) -> tuple[dict[str, Any], list[torch.Tensor]]:
     row: dict[str, Any] = {"mode": mode.name, "kind": mode.kind, "method": mode.method, "precision": mode.precision}
+    if mode.kind == "compile":
+        row["compile_mode"] = mode.compile_mode
+        cache: contextlib.AbstractContextManager = compiled.fresh_inductor_cache(out / "cache" / mode.name)
+    else:
+        cache = contextlib.nullcontext()
     patch = None
-    if mode.kind == "engine":
-        cache = out / "cache" / mode.name
-        shutil.rmtree(cache, ignore_errors=True)  # a fresh cache per mode: the build is measured
-        patch = _engine_patch(work, mode, cache)
-        apply(work.network, patch)
-        x = torch.rand(work.batch_shape, generator=torch.Generator().manual_seed(0)).to(work.device)
-        clock.log(f"{mode.name}: first call (export + engine build + validation), batch {list(work.batch_shape)}")
-        reset_peak_memory(work.device)
-        start = time.perf_counter()
-        with _engine_context():
-            work.network(x)
-        sync(work.device)
-        engines = _engines_of(work)
-        row["build"] = {"first_call_s": time.perf_counter() - start,
-                        "engine_build_s": sum(e["build_s"] or 0.0 for e in engines), "engines": engines,
-                        "peak_mem_bytes": peak_memory(work.device)}
-        clock.log(f"{mode.name}: first call {row['build']['first_call_s']:.1f} s (engine build "
-                  f"{row['build']['engine_build_s']:.1f} s, {len(engines)} engine(s))")
+    net = work.network if mode.kind == "engine" else compiled.precision_network(work.network, mode.precision)
     try:
-        for wrapper in wrappers(work.network).values():
-            wrapper.calls.update(engine=0, pytorch=0)
-        measured, outputs = _measure(work, mode, settings["repeats"], settings["warmup"])
-        row.update(measured)
-        if mode.kind == "engine":
-            row["build"]["engines"] = _engines_of(work)  # a smaller last window batch may have added one
-            served = [w.calls for w in wrappers(work.network).values()]
-            row["calls"] = {k: sum(c[k] for c in served) for k in ("engine", "pytorch")}
+        with cache:  # a fresh Inductor cache per compile mode: a cold compile is measured
+            if mode.kind == "engine":
+                patch = _build_engines(work, mode, out, clock, row)
+            elif mode.kind == "compile":
+                net, row["build"] = _compile(work, mode, net, clock)
+            for wrapper in wrappers(work.network).values():
+                wrapper.calls.update(engine=0, pytorch=0)
+            measured, outputs = _measure(work, net, _context(mode, work.device), settings["repeats"],
+                                         settings["warmup"])
+            row.update(measured)
+            if mode.kind == "engine":
+                row["build"]["engines"] = _engines_of(work)  # a smaller last window batch may have added one
+                served = [w.calls for w in wrappers(work.network).values()]
+                row["calls"] = {k: sum(c[k] for c in served) for k in ("engine", "pytorch")}
+            elif mode.kind == "compile":
+                build = row["build"]
+                build.update(compiled.graph_stats())
+                build["compile_s"] = build["window_compile_s"] + max(
+                    build["first_volume_s"] - row["sliding_window"]["median_s"], 0.0)
+                clock.log(f"{mode.name}: compile time {build['compile_s']:.1f} s ({build['graphs']} graph(s), "
+                          f"{build['graph_breaks']} graph break(s))")
     finally:
+        del net
         remove(work.network)
+        if mode.kind == "compile":
+            compiled.release(work.device)
         if work.device.type == "cuda":
             torch.cuda.empty_cache()  # the start-up and end-to-end processes share this GPU
     clock.log(f"{mode.name}: network {row['network']['median_s'] * 1e3:.1f} ms at batch {work.batch_shape[0]}, "
@@ -308,6 +307,8 @@ def _run_mode(work: Workload, mode: Mode, out: Path, settings: dict[str, Any], r
         row["startup"] = {"status": "skipped", "reason": "--skip_startup"}
     elif mode.kind == "eager":  # fp32's is measured after every mode (see run_modes)
         row["startup"] = {"status": "n/a", "reason": "eager start-up is measured once, in row fp32"}
+    elif mode.kind == "compile":
+        row["startup"] = {"status": "n/a", "reason": "not measured for torch.compile modes"}
     elif clock.over():
         row["startup"] = {"status": "skipped", "reason": clock.over()}
     else:
@@ -345,7 +346,7 @@ def run_modes(work: Workload, modes: Sequence[Mode], out: Path, settings: dict[s
     reference: list[torch.Tensor] | None = None
     if not any(m.name == "fp32" for m in modes):
         clock.log("fp32 is not among --modes: computing the fp32 reference outputs (untimed)")
-        with _eager_context(Mode("fp32", "eager", "fp32"), work.device):
+        with _torch_context(Mode("fp32", "eager", "fp32"), work.device):
             reference = [_first_tensor(work.infer(work.network, v.to(work.device))).detach().float().cpu()
                          for v in work.volumes]
     for mode in modes:
@@ -372,9 +373,9 @@ def run_modes(work: Workload, modes: Sequence[Mode], out: Path, settings: dict[s
                 torch.cuda.empty_cache()
         row["mode_wall_s"] = time.perf_counter() - start
         results["modes"][mode.name] = row
-        (out / "results.json").write_text(jsonlib.dumps(results, indent=1, default=str))
+        write_json(results, out / "results.json")
     _eager_startup(work, settings, clock, results)
-    (out / "results.json").write_text(jsonlib.dumps(results, indent=1, default=str))
+    write_json(results, out / "results.json")
 
 
 def _eager_startup(work: Workload, settings: dict[str, Any], clock: Clock, results: dict[str, Any]) -> None:
