@@ -56,7 +56,7 @@ __all__ = ["CacheEntry", "EngineCache", "BuildTimeout", "pid_alive", "QUARANTINE
 
 logger = logging.getLogger(__name__)
 _LOCK_POLL_SECONDS = 30.0
-_SIDE_DIRS = ("entries", "locks", "tmp", "quarantine", "timing", "failures", "verdicts")
+_SIDE_DIRS = ("entries", "locks", "tmp", "quarantine", "timing", "failures", "verdicts", "plans")
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 QUARANTINE_KEEP = 3  # quarantined entries kept for inspection (newest first); older ones are deleted
 QUARANTINE_MAX_BYTES = 2 << 30  # ... and at most this much besides the newest one
