@@ -183,3 +183,28 @@ def test_depth_budget_holds(monkeypatch):
     assert sorted(wrappers) == ["", "a", "b"]  # a.inner (depth 2) never tried
     assert all("search_depth reached" in wrappers[p].node.reason for p in ("a", "b"))
     assert len(builds) == 3
+
+
+def test_vista3d_auto_covers_at_least_the_hand_patch(tmp_path):
+    """VISTA3D (small encoder), class prompts through a sliding window: the search converts at least what the hand
+    patch (`image_encoder.encoder`) converts, and the masks agree with PyTorch."""
+    from monai.inferers import sliding_window_inference
+    from monai.networks.nets import vista3d132
+
+    torch.manual_seed(0)
+    network = vista3d132(encoder_embed_dim=8).eval()
+    image = torch.rand(1, 1, 48, 32, 32, generator=torch.Generator().manual_seed(0))
+    classes = torch.tensor([[1], [2], [3]])
+
+    def infer() -> torch.Tensor:
+        with torch.no_grad():
+            return sliding_window_inference(image, [32, 32, 32], 1, network, 0.25, class_vector=classes,
+                                            transpose=True)
+
+    reference = infer()
+    monai_trt.apply(network, {**AUTO, "path": str(tmp_path / "cache")}, name="network")
+    result = infer()
+    engines = [p for p, w in monai_trt.wrappers(network).items() if w.node.state == "engine"]
+    assert any("image_encoder.encoder" == p or "image_encoder.encoder".startswith(p + ".") or p == ""
+               for p in engines), engines
+    assert ((result > 0) == (reference > 0)).float().mean() >= 0.99

@@ -11,6 +11,7 @@ Layout under the cache root::
     quarantine/<key>.<time>/    entries that failed verification, kept for inspection (the newest few only)
     timing/<name>.cache         TensorRT tactic timing caches (per TensorRT version and GPU), shared by builds
     failures/<key>.json         export failures (deterministic for their key): not retried until the key changes
+    plans/<key>.json            `submodule: auto`: which parts of a search root became engines (runtime/planner.py)
     verdicts/<key>.json         per machine: the speed gate's measurement, and the weights the engine was validated with
 
 Artifacts are code (a .pt2 holds a shared library), so nothing is loaded unless the cache root, every directory above
