@@ -208,3 +208,19 @@ def test_vista3d_auto_covers_at_least_the_hand_patch(tmp_path):
     assert any("image_encoder.encoder" == p or "image_encoder.encoder".startswith(p + ".") or p == ""
                for p in engines), engines
     assert ((result > 0) == (reference > 0)).float().mean() >= 0.99
+
+
+def test_plan_command_searches_then_reads_the_plan(tmp_path):
+    """`python -m monai_trt plan` on a tiny UNet bundle with `submodule: auto`: the first run searches, the second
+    reads the remembered plan; both print the tree with time shares."""
+    from tests.test_cli import CONFIGS, make_bundle, run_cli
+
+    bundle = make_bundle(tmp_path / "bundle", patch=[{**AUTO}])
+    args = ["monai_trt", "plan", "--bundle_root", str(bundle), "--config_file", CONFIGS]
+    first = run_cli(args, tmp_path / "cache", tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "searched now" in first.stdout and "network: ENGINE" in first.stdout and "100 % of the time" in first.stdout
+    second = run_cli([*args, "--json"], tmp_path / "cache", tmp_path)
+    assert second.returncode == 0, second.stderr
+    (found,) = json.loads(second.stdout)["plans"]
+    assert found["remembered"] and found["nodes"][""]["state"] == "engine"
