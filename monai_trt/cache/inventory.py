@@ -231,11 +231,13 @@ def here_status(meta: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def leftovers(root: str | os.PathLike, timing: bool = False) -> list[tuple[Path, str]]:
-    """Quarantined entries, remembered export failures and builds left behind by processes that are gone (and with
-    `timing`, the TensorRT timing caches, which only speed up later builds): (path, why)."""
+    """Quarantined entries, remembered export failures and `submodule: auto` plans, and builds left behind by
+    processes that are gone (and with `timing`, the TensorRT timing caches, which only speed up later builds):
+    (path, why)."""
     base = Path(root).expanduser()
     found = [(p, "quarantined entry") for p in sorted((base / "quarantine").glob("*")) if p.is_dir()]
     found += [(p, "remembered export failure") for p in sorted((base / "failures").glob("*.json")) if p.is_file()]
+    found += [(p, "remembered `submodule: auto` plan") for p in sorted((base / "plans").glob("*.json")) if p.is_file()]
     if timing:
         found += [(p, "TensorRT timing cache") for p in sorted((base / "timing").glob("*")) if p.is_file()]
     for path in sorted((base / "tmp").glob("*")):

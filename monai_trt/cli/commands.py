@@ -1,4 +1,4 @@
-"""`python -m monai_trt <command>` (or `monai-trt`): build, ls, verify, clean, info, bench, convert.
+"""`python -m monai_trt <command>` (or `monai-trt`): build, ls, verify, plan, clean, info, bench, convert.
 
 Each command is a plain function whose signature is its command line (fire), with the config conventions of
 `python -m monai.bundle run`::
@@ -7,6 +7,7 @@ Each command is a plain function whose signature is its command line (fire), wit
         --config_file "['configs/inference.json','configs/inference_trt.json']"
     python -m monai_trt ls [--json]
     python -m monai_trt verify --bundle_root <dir> [--config_file ...]
+    python -m monai_trt plan --bundle_root <dir> [--config_file ...]   (`submodule: auto`: the plan and time shares)
     python -m monai_trt clean [--max_size 2GB | --all] [--yes]
     python -m monai_trt info [--json]
     python -m monai_trt bench --bundle_root <dir> | --workload w1 [--out DIR] [--modes ...]
@@ -33,7 +34,7 @@ from monai_trt.console import Progress, cli_logging, is_interactive
 from monai_trt.errors import MonaiTrtError, UsageError
 from monai_trt.patch.spec import default_cache_dir
 
-__all__ = ["build", "ls", "verify", "clean", "info", "convert", "main"]
+__all__ = ["build", "ls", "verify", "plan", "clean", "info", "convert", "main"]
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -193,6 +194,37 @@ def verify(
                        "weights and loads here (run `build` first)")
 
 
+@bundle_command
+def plan(
+    source: BundleSource,
+    batch: Any = None,
+    spatial_shape: Any = None,
+    json: bool = False,
+    quiet: bool | None = None,
+    verbose: bool = False,
+    **override: Any,
+) -> None:
+    """Show the plan of each `submodule: auto` patch entry: the module tree with what became an engine, what stayed
+    in PyTorch and why, the speed-up the gate measured, and each part's share of its search root's PyTorch time.
+
+    The network is driven as `build` drives it (once per shape the run will use, random inputs from metadata
+    network_data_format), so the search runs now and is remembered in the cache, or a remembered plan is read; then
+    it is run once more in plain PyTorch with forward hooks to measure the shares. Args as for `build`.
+    """
+    progress = _progress(quiet)
+    with cli_logging(verbose), progress:
+        bundle = load_bundle(source, override)
+        from monai_trt.bundle.plan import plan_bundle  # imports the exporters
+
+        result = plan_bundle(bundle, batch, spatial_shape, lambda d: progress.note(f"calling {d}"))
+    if json:
+        print(jsonlib.dumps({"bundle": bundle.name, **result.to_json()}, indent=1))
+    else:
+        print(result.text(bundle.net_id))
+    if result.failures:
+        raise UsageError("some engines of the plan failed:\n  " + "\n  ".join(result.failures))
+
+
 def clean(
     cache_dir: str | None = None, max_size: Any = None, all: bool = False, yes: bool = False, json: bool = False
 ) -> None:
@@ -305,8 +337,8 @@ def main() -> None:
     if "--" not in argv and any(a in ("--help", "-h") for a in argv[1:]):
         argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]  # else **override takes `help`
     try:
-        commands = {"build": build, "ls": ls, "verify": verify, "clean": clean, "info": info, "bench": bench,
-                    "convert": convert}
+        commands = {"build": build, "ls": ls, "verify": verify, "plan": plan, "clean": clean, "info": info,
+                    "bench": bench, "convert": convert}
         fire.Fire(commands,
                   command=argv, name="monai_trt")
     except MonaiTrtError as err:

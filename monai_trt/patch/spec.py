@@ -25,6 +25,10 @@ ENV_SWITCH = "MONAI_TRT"
 AUTO_MIN_SPEEDUP = 1.01  # method auto: an engine must beat PyTorch by 1 % on the same call, or PyTorch serves
 ENV_CACHE = "MONAI_TRT_CACHE"
 DEFAULT_BUILD_TIMEOUT = 1800.0  # s; longer than any build measured here (SwinUNETR aoti ~170 s, TensorRT minutes)
+AUTO = "auto"  # `submodule: auto`: search the module tree for what converts and pays (runtime/planner.py)
+DEFAULT_SEARCH_DEPTH = 4  # levels below a search root that `submodule: auto` may descend
+DEFAULT_SEARCH_SECONDS = 1800.0  # s of search (exports, builds, checks) per root and process; then PyTorch
+SEARCH_KEYS = ("search_under", "search_depth", "search_seconds")  # only with `submodule: auto`
 _TRUE = ("true", "1", "on", "yes")
 _FALSE = ("false", "0", "off", "no")
 
@@ -67,6 +71,9 @@ class PatchEntry:
         min_speedup: the speed gate: an engine serves only when PyTorch takes at least this many times as long on
             the same call (measured once per engine and machine, remembered in the cache); 0 turns it off. None:
             1.01 with method auto (auto never makes a bundle slower), off for an explicitly named method.
+        search_depth: 0 for a named submodule; > 0 for `submodule: auto`, where `submodule` is one search root and
+            this is how many levels below it the search may descend (see :mod:`monai_trt.runtime.planner`).
+        search_seconds: the search's time budget per root and process (`submodule: auto` only).
     """
 
     submodule: str = ""
@@ -86,6 +93,8 @@ class PatchEntry:
     output_names: tuple[str, ...] = ()
     build_timeout: float = DEFAULT_BUILD_TIMEOUT
     min_speedup: float | None = None
+    search_depth: int = 0
+    search_seconds: float = DEFAULT_SEARCH_SECONDS
 
     @property
     def speed_gate(self) -> float:
@@ -105,7 +114,7 @@ class PatchEntry:
         return f"monai_trt '{where}' ({self.method}, {self.precision})"
 
 
-_FIELDS = tuple(PatchEntry.__dataclass_fields__)
+_FIELDS = tuple(f for f in PatchEntry.__dataclass_fields__ if f not in SEARCH_KEYS) + SEARCH_KEYS
 
 
 def default_cache_dir() -> str:
@@ -234,11 +243,34 @@ def _parse_entry(index: int, raw: Any) -> list[PatchEntry]:
     submodules = raw.get("submodule", "")
     if submodules is None:
         submodules = ""
+    if isinstance(submodules, str) and submodules.strip().lower() == AUTO:
+        return _parse_search(where, raw, values)
+    given = sorted(set(raw) & set(SEARCH_KEYS))
+    if given:
+        raise PatchError(f"{where}: {given} apply only to `submodule: \"auto\"`")
     if isinstance(submodules, str):
         submodules = [submodules]
     if not isinstance(submodules, Sequence) or not all(isinstance(s, str) for s in submodules) or not submodules:
         raise PatchError(f"{where}.submodule must be a dotted path or a list of them, got {raw.get('submodule')!r}")
     return [PatchEntry(submodule=s.strip(), **values) for s in submodules]
+
+
+def _parse_search(where: str, raw: Mapping[str, Any], values: dict[str, Any]) -> list[PatchEntry]:
+    """`submodule: auto`: one entry per search root (`search_under`, default the whole network)."""
+    roots = raw.get("search_under", [""])
+    if roots is None:
+        roots = [""]
+    if isinstance(roots, str):
+        roots = [roots]
+    if not isinstance(roots, Sequence) or not roots or not all(isinstance(r, str) for r in roots):
+        raise PatchError(f"{where}.search_under must be a dotted path or a non-empty list of them, got {roots!r}")
+    depth = raw.get("search_depth", DEFAULT_SEARCH_DEPTH)
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise PatchError(f"{where}.search_depth must be a positive integer, got {depth!r}")
+    seconds = raw.get("search_seconds", DEFAULT_SEARCH_SECONDS)
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
+        raise PatchError(f"{where}.search_seconds must be a positive number of seconds, got {seconds!r}")
+    return [PatchEntry(submodule=r.strip(), search_depth=depth, search_seconds=float(seconds), **values) for r in roots]
 
 
 def _as_str(value: Any, what: str) -> str:

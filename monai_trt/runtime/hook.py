@@ -14,6 +14,7 @@ from torch import nn
 from monai_trt.backends import BACKENDS, get_backend, merge_build_args
 from monai_trt.errors import BackendUnavailable, PatchError
 from monai_trt.patch.spec import PatchEntry, parse_patch, parse_switch
+from monai_trt.runtime.planner import PlanningWrapper
 from monai_trt.runtime.wrapper import USAGE, EngineWrapper
 
 __all__ = ["apply", "remove", "wrappers", "module_device", "report_unused"]
@@ -89,13 +90,14 @@ def apply(network: nn.Module, patch: Any, enabled: Any = True, name: str | None 
     targets = [(_resolve_precision(entry, module), module)
                for entry, module in ((e, _find(network, e.submodule)) for e in entries)]
     _check_distinct(targets)
-    current = {id(m): (w.spec, w.label) for _, m, w in _installed(network)}
+    current = {id(m): (w.spec, w.label) for _, m, w in _installed(network) if not getattr(w, "plan_child", False)}
     if current and current == {id(m): (e, e.describe(network_name)) for e, m in targets}:
         return network
     unavailable = [_check_entry(entry, module, network_name) for entry, module in targets]
     remove(network)
     for (entry, module), reason in zip(targets, unavailable):
-        wrapper = EngineWrapper(module, entry, network_name)
+        # `submodule: auto`: the root of a search (runtime/planner.py), which wraps its descendants as it goes
+        wrapper = (PlanningWrapper if entry.search_depth else EngineWrapper)(module, entry, network_name)
         module.forward = wrapper
         if reason:
             wrapper.disabled = reason  # warned once, above: PyTorch from the start
