@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,8 @@ class PatchEntry:
         search_depth: 0 for a named submodule; > 0 for `submodule: auto`, where `submodule` is one search root and
             this is how many levels below it the search may descend (see :mod:`monai_trt.runtime.planner`).
         search_seconds: the search's time budget per root and process (`submodule: auto` only).
+        devices: None (calls run where their inputs are), "all" (every visible CUDA device) or device names
+            ("cuda:0", "cpu"): each call's dim 0 is split across one engine replica per device (runtime/devices.py).
     """
 
     submodule: str = ""
@@ -95,6 +98,7 @@ class PatchEntry:
     min_speedup: float | None = None
     search_depth: int = 0
     search_seconds: float = DEFAULT_SEARCH_SECONDS
+    devices: str | tuple[str, ...] | None = None
 
     @property
     def speed_gate(self) -> float:
@@ -233,6 +237,8 @@ def _parse_entry(index: int, raw: Any) -> list[PatchEntry]:
         values["build_timeout"] = float(seconds)
     if raw.get("output_names") is not None:
         values["output_names"] = _names(raw["output_names"], f"{where}.output_names")
+    if raw.get("devices") is not None:
+        values["devices"] = _parse_devices(raw["devices"], f"{where}.devices")
     dyn, profiles = raw.get("dynamic_batchsize"), raw.get("input_profiles")
     if dyn is not None and profiles:
         raise PatchError(f"{where}: give either dynamic_batchsize or input_profiles, not both")
@@ -297,6 +303,34 @@ def _as_dict(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
         raise PatchError(f"{what} must be a dict with string keys, got {value!r}")
     return dict(value)
+
+
+def _parse_devices(value: Any, what: str) -> str | tuple[str, ...]:
+    """`"all"`, or a non-empty list of CUDA indices / "cuda:<i>" / "cpu" names (all CUDA or all "cpu"), normalised
+    to ("cuda:0", ...). A CUDA device may appear once; "cpu" may repeat (CPU replicas: for tests, no speed-up)."""
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return "all"
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        value = [value]
+    usage = f'{what} must be "all" or a list of CUDA indices / "cuda:<i>" names (or "cpu" entries), got {value!r}'
+    if not isinstance(value, Sequence) or isinstance(value, str) or not value:
+        raise PatchError(usage)
+    names = []
+    for item in value:
+        if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+            names.append(f"cuda:{item}")
+        elif isinstance(item, str) and item.strip().lower() == "cpu":
+            names.append("cpu")
+        elif isinstance(item, str) and re.fullmatch(r"cuda:\d+", item.strip().lower()):
+            names.append(f"cuda:{int(item.strip()[5:])}")
+        else:
+            raise PatchError(usage)
+    cuda = [n for n in names if n != "cpu"]
+    if cuda and len(cuda) != len(names):
+        raise PatchError(f"{what} mixes CUDA devices and 'cpu': {value!r}; give one kind")
+    if len(set(cuda)) != len(cuda):
+        raise PatchError(f"{what} names a CUDA device more than once: {value!r}")
+    return tuple(names)
 
 
 def _positive_ints(value: Any, what: str) -> tuple[int, ...]:

@@ -14,6 +14,7 @@ from torch import nn
 from monai_trt.backends import BACKENDS, get_backend, merge_build_args
 from monai_trt.errors import BackendUnavailable, PatchError
 from monai_trt.patch.spec import PatchEntry, parse_patch, parse_switch
+from monai_trt.runtime.devices import plan_devices
 from monai_trt.runtime.planner import PlanningWrapper
 from monai_trt.runtime.wrapper import USAGE, EngineWrapper
 
@@ -180,6 +181,7 @@ def _check_entry(entry: PatchEntry, module: nn.Module, network: str) -> str | No
     Returns:
         None, or why an explicitly named method cannot run on the module's device (after warning once).
     """
+    plan_devices(entry)  # `devices` naming absent GPUs: a warning, or BackendUnavailable with fallback false
     if entry.method == "auto":
         accepted = set().union(*(cls.default_build_args for cls in BACKENDS.values()))
         unknown = sorted(set(entry.build_args) - accepted)

@@ -38,6 +38,7 @@ from monai_trt.runtime.calls import (
     forward_signature,
     learn_output_types,
 )
+from monai_trt.runtime.devices import ReplicaSet
 from monai_trt.runtime.lifecycle import EngineSet, LoadedEngine, Reference, no_autocast
 
 __all__ = ["EngineWrapper", "Usage", "USAGE", "training_dependent_layers"]
@@ -85,7 +86,8 @@ class EngineWrapper:
         spec: the patch entry this submodule was wrapped with.
         label: the name in every message: config id and submodule path, method, precision.
         disabled: why this wrapper runs PyTorch for the rest of the process (None while engines may serve).
-        calls: how this process's calls were served, `{"engine": n, "pytorch": m}`.
+        calls: how this process's calls were served, `{"engine": n, "pytorch": m}` (with `devices`: per share).
+        replicas: the per-device replicas splitting each call (entry field `devices`), or None.
     """
 
     is_monai_trt_wrapper = True
@@ -111,6 +113,7 @@ class EngineWrapper:
         self._output_types: dict[Any, OutputTypes | str] = {}
         self._training_layers: list[tuple[str, nn.Module]] | None = None
         self._noted_training = False
+        self.replicas = ReplicaSet.create(self, EngineWrapper) if spec.devices is not None else None
 
     @property
     def engines(self) -> dict[Any, list[LoadedEngine]]:
@@ -125,6 +128,8 @@ class EngineWrapper:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._pytorch_only(args, kwargs):
             return self._pytorch(args, kwargs)
+        if self.replicas is not None and self.replicas.active():  # split across devices (runtime/devices.py)
+            return self.replicas(args, kwargs)
         try:
             call = capture_call(self._signature, args, kwargs, self.engine_set.input_float_dtype)
         except UnsupportedCall as err:
