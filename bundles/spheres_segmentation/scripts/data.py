@@ -36,7 +36,8 @@ def ensure_dataset(dataset_dir: str, num: int, seed: int, size: int = 96) -> Non
     """Write ``num`` image/label NIfTI pairs into ``dataset_dir`` unless they already exist.
 
     Files are named ``{i:03d}_img.nii.gz`` (float32 image in [0, 1], shape ``(size, size, size)``)
-    and ``{i:03d}_seg.nii.gz`` (uint8 label, 0 = background, 1 = sphere), both with an identity affine.
+    and ``{i:03d}_seg.nii.gz`` (uint8 label, 0 = background, 1 = sphere), both with an identity affine. Files are
+    written atomically, so concurrent processes (one per rank) may call this on the same directory.
     """
     os.makedirs(dataset_dir, exist_ok=True)
     affine = np.eye(4)
@@ -57,6 +58,15 @@ def ensure_dataset(dataset_dir: str, num: int, seed: int, size: int = 96) -> Non
             random_state=np.random.RandomState(seed + i),
         )
         if not os.path.exists(img_path):
-            nib.save(nib.Nifti1Image(img.astype(np.float32), affine), img_path)
+            _save_atomic(nib.Nifti1Image(img.astype(np.float32), affine), img_path)
         if not os.path.exists(seg_path):
-            nib.save(nib.Nifti1Image(seg.astype(np.uint8), affine), seg_path)
+            _save_atomic(nib.Nifti1Image(seg.astype(np.uint8), affine), seg_path)
+
+
+def _save_atomic(image: nib.Nifti1Image, path: str) -> None:
+    """Write beside `path` under a hidden per-process name, then rename: processes of a multi-GPU run that generate
+    the same volume at once never read a half-written file."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{os.getpid()}.{name}")
+    nib.save(image, tmp)
+    os.replace(tmp, path)
