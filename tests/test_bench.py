@@ -275,3 +275,15 @@ def test_bad_options_give_one_clear_error(args, message, monkeypatch, capsys, tm
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("monai_trt: error: ") and message in err and "Traceback" not in err
+
+
+def test_multi_device_modes_sit_beside_their_engine_mode_and_skip_without_gpus():
+    import torch
+
+    modes = plan_modes(torch.device("cpu"), modes="onnxruntime_fp32_x2,onnxruntime_fp32,fp32", methods="onnxruntime",
+                       precisions="fp32")
+    assert [m.name for m in modes] == ["fp32", "onnxruntime_fp32", "onnxruntime_fp32_x2"]
+    assert modes[2].devices == 2 and "needs 2 CUDA device(s), 0 visible" in modes[2].skip
+    assert all(m.devices is None for m in plan_modes(torch.device("cpu"), modes="engines", methods="onnxruntime"))
+    with pytest.raises(UsageError, match="_x<N>"):
+        plan_modes(torch.device("cpu"), modes="onnxruntime_fp32_xx", methods="onnxruntime", precisions="fp32")

@@ -208,8 +208,9 @@ def _build_engines(work: Workload, mode: Mode, out: Path, clock: Clock, row: dic
 
 
 def _engine_patch(work: Workload, mode: Mode, cache: Path) -> list[dict[str, Any]]:
-    return [{**entry, "method": mode.method, "precision": mode.precision, "path": str(cache), "fallback": False}
-            for entry in work.patch]
+    devices = {"devices": list(range(mode.devices))} if mode.devices else {}
+    return [{**entry, "method": mode.method, "precision": mode.precision, "path": str(cache), "fallback": False,
+             **devices} for entry in work.patch]
 
 
 def _e2e(work: Workload, mode: Mode, out: Path, patch: list[dict[str, Any]] | None, clock: Clock) -> dict[str, Any]:
@@ -261,6 +262,8 @@ def _e2e(work: Workload, mode: Mode, out: Path, patch: list[dict[str, Any]] | No
 def _run_mode(work: Workload, mode: Mode, out: Path, settings: dict[str, Any], reference: list[torch.Tensor] | None,
               clock: Clock) -> tuple[dict[str, Any], list[torch.Tensor]]:
     row: dict[str, Any] = {"mode": mode.name, "kind": mode.kind, "method": mode.method, "precision": mode.precision}
+    if mode.devices:
+        row["devices"] = mode.devices
     if mode.kind == "compile":
         row["compile_mode"] = mode.compile_mode
         cache: contextlib.AbstractContextManager = compiled.fresh_inductor_cache(out / "cache" / mode.name)

@@ -15,10 +15,13 @@ Replicas:
   or version counter, checked per call) the copies are updated in place (their wrappers then refit or re-key as
   for any weights change), or re-copied when names, shapes or dtypes changed.
 
-Threads: other replicas run in one worker thread each (so one device's launches never wait for another's); the
-own-device share runs in the caller's thread meanwhile. Workers enter the caller's grad mode, inference mode,
-autocast state (per device type) and, on CUDA, the caller's current stream for the caller's device, so transfers to
-and from the caller's device are ordered with the caller's own work and no host synchronisation is added.
+Threads and streams: the caller's thread first queues the copies of the other shares' inputs (on its current
+stream, ahead of its own work), then hands each share to its replica's worker thread (one per device, so one
+device's launches never wait for another's) and answers the own-device share itself meanwhile. Workers enter the
+caller's grad mode, inference mode and autocast state (per device type; all thread-local in PyTorch) and the
+caller's current stream for the caller's device, so the outputs' copies back are ordered before the caller's later
+work on that stream; no host synchronisation is added. The first call of a set runs its shares one after another
+(the first replica builds or loads the engine, the others then load the same entry).
 
 Failure: an engine failure on a replica is that replica wrapper's fallback (PyTorch on that device for its shares,
 or raise with `fallback: false`). An exception escaping a replica (e.g. the device itself fails) recomputes that
@@ -215,13 +218,16 @@ class ReplicaSet:
             shares.append(pytree.tree_unflatten(cut, spec))
             start += size
         state = CallerState.capture(caller)
+        # inputs leave the caller's device first, from this thread: their copies are queued on the caller's stream
+        # ahead of the own share's kernels, so the other devices never wait for those
+        moved = {i: pytree.tree_map_only(torch.Tensor, lambda t, d=replicas[i].device: t.to(d), shares[i])
+                 for i in range(count) if not replicas[i].own}
         results: dict[int, Any] = {}
         futures: dict[int, concurrent.futures.Future] = {}
         try:
             if self._warm:  # the other devices start first; the caller's device works meanwhile, in this thread
-                for i in range(count):
-                    if not replicas[i].own:
-                        futures[i] = replicas[i].submit(self._serve_copy, replicas[i], shares[i], state, caller)
+                for i in moved:
+                    futures[i] = replicas[i].submit(self._serve_copy, replicas[i], moved[i], state, caller)
                 for i in range(count):
                     if replicas[i].own:
                         results[i] = self._own_call(*shares[i], replicas[i])
@@ -230,7 +236,7 @@ class ReplicaSet:
                     if replicas[i].own:
                         results[i] = self._own_call(*shares[i], replicas[i])
                     else:
-                        futures[i] = replicas[i].submit(self._serve_copy, replicas[i], shares[i], state, caller)
+                        futures[i] = replicas[i].submit(self._serve_copy, replicas[i], moved[i], state, caller)
                         concurrent.futures.wait([futures[i]])
         finally:
             concurrent.futures.wait(futures.values())
@@ -260,9 +266,9 @@ class ReplicaSet:
                 self._count(replica, {k: self.owner.calls[k] - before.get(k, 0) for k in before}, add=False)
 
     def _serve_copy(self, replica: _Replica, share: Any, state: CallerState, caller: torch.device) -> Any:
-        """A worker thread: move the share to the replica's device, answer it, move the outputs to the caller's."""
+        """A worker thread: answer the share (already on the replica's device), move the outputs to the caller's."""
         with state.enter(replica.device):
-            args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(replica.device), share)
+            args, kwargs = share
             before = dict(replica.serve.calls)
             outputs = replica.serve(*args, **kwargs)
             served = {k: replica.serve.calls[k] - before.get(k, 0) for k in before}
