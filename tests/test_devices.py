@@ -297,3 +297,16 @@ def test_remove_and_deepcopy_leave_no_replica_behind(net):
         torch.testing.assert_close(clone(x), reference(net, x), rtol=1e-4, atol=1e-5)
     monai_trt.remove(net)
     assert "forward" not in net.__dict__ and set(net.state_dict()) == set(TinySeg().state_dict())
+
+
+def test_refresh_makes_the_copies_again(net):
+    x = batch(2)
+    with torch.no_grad():
+        net(x)
+    first = copy_wrapper(net)
+    replicas = monai_trt.wrappers(net)[""].replicas
+    replicas.refresh()
+    assert replicas.replicas() == []
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), reference(net, x), rtol=1e-4, atol=1e-5)
+    assert copy_wrapper(net) is not first and copy_wrapper(net).calls == {"engine": 1, "pytorch": 0}

@@ -322,7 +322,7 @@ class ReplicaSet:
                 own_taken = True
             else:
                 replicas.append(self._copy(device))
-        self._replicas = replicas
+        self._replicas, self._warm = replicas, False
         copies = any(not r.own for r in replicas)
         self._slots = [d for m in self.owner.module.modules() for d in (m._parameters, m._buffers)] if copies else []
         self._stamp = self._current_stamp()
@@ -367,6 +367,12 @@ class ReplicaSet:
                     [str(r.device) for r in self._replicas if not r.own])
         self._slots = [d for m in self.owner.module.modules() for d in (m._parameters, m._buffers)]
         self._stamp = self._current_stamp()
+
+    def refresh(self) -> None:
+        """Make the copies again on the next call (e.g. after non-tensor attributes of the original changed)."""
+        with self._lock:
+            self.close()
+            self._replicas = None
 
     def close(self) -> None:
         for replica in self._replicas or ():
