@@ -212,6 +212,8 @@ class ReplicaSet:
         batch, caller = first.shape[0], first.device
         sizes = split_sizes(batch, len(replicas))
         count = len(sizes)
+        if count == 1 and replicas[0].own:  # one share, on the caller's side: the plain path
+            return self._own_call(args, kwargs, replicas[0])
         shares, start = [], 0
         for size in sizes:
             cut = [t.narrow(0, start, size) if _batched(t, batch) else t for t in leaves]
@@ -239,7 +241,8 @@ class ReplicaSet:
                         futures[i] = replicas[i].submit(self._serve_copy, replicas[i], moved[i], state, caller)
                         concurrent.futures.wait([futures[i]])
         finally:
-            concurrent.futures.wait(futures.values())
+            if futures:
+                concurrent.futures.wait(futures.values())
         self._warm = True
         for i, future in futures.items():
             results[i] = self._collect(replicas[i], future, shares[i], caller)
