@@ -240,6 +240,26 @@ def test_failing_device_share_is_recomputed_on_the_callers_device(net, trt_logs)
     assert not wrapper.disabled
 
 
+def test_device_failing_at_the_input_copy_is_handled_like_a_failing_replica(net, monkeypatch, trt_logs):
+    x = batch(4)
+    with torch.no_grad():
+        net(x)
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if threading.current_thread() is threading.main_thread() and args and str(args[0]) == "cpu":
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    with torch.no_grad():
+        out = net(x)
+    monkeypatch.undo()
+    torch.testing.assert_close(out, reference(net, x), rtol=1e-4, atol=1e-5)
+    assert "device-side assert" in trt_logs.text(logging.WARNING)
+    assert monai_trt.wrappers(net)[""].replicas._replicas[1].failed
+
+
 def test_failing_device_with_fallback_false_raises():
     net = monai_trt.apply(TinySeg().eval(), [{**TWO_CPUS, "fallback": False}])
     with torch.no_grad():

@@ -222,10 +222,16 @@ class ReplicaSet:
         state = CallerState.capture(caller)
         # inputs leave the caller's device first, from this thread: their copies are queued on the caller's stream
         # ahead of the own share's kernels, so the other devices never wait for those
-        moved = {i: pytree.tree_map_only(torch.Tensor, lambda t, d=replicas[i].device: t.to(d), shares[i])
-                 for i in range(count) if not replicas[i].own}
-        results: dict[int, Any] = {}
+        moved: dict[int, Any] = {}
         futures: dict[int, concurrent.futures.Future] = {}
+        for i in range(count):
+            if not replicas[i].own:
+                try:
+                    moved[i] = pytree.tree_map_only(torch.Tensor, lambda t, d=replicas[i].device: t.to(d), shares[i])
+                except Exception as err:  # the device failed already: handled as the replica failing, below
+                    futures[i] = concurrent.futures.Future()
+                    futures[i].set_exception(err)
+        results: dict[int, Any] = {}
         try:
             if self._warm:  # the other devices start first; the caller's device works meanwhile, in this thread
                 for i in moved:
@@ -237,14 +243,14 @@ class ReplicaSet:
                 for i in range(count):
                     if replicas[i].own:
                         results[i] = self._own_call(*shares[i], replicas[i])
-                    else:
+                    elif i in moved:
                         futures[i] = replicas[i].submit(self._serve_copy, replicas[i], moved[i], state, caller)
                         concurrent.futures.wait([futures[i]])
         finally:
             if futures:
                 concurrent.futures.wait(futures.values())
         self._warm = True
-        for i, future in futures.items():
+        for i, future in sorted(futures.items()):
             results[i] = self._collect(replicas[i], future, shares[i], caller)
         outputs = [results[i] for i in range(count)]
         if count == 1:
