@@ -109,6 +109,17 @@ def test_split_gathers_in_order_for_even_uneven_and_small_batches(net, cache_dir
     assert "using cached engine" in trt_logs.text() and "on cpu" in trt_logs.text()
 
 
+def test_a_copy_that_never_serves_is_not_reported_as_unused():
+    from monai_trt.runtime.hook import report_unused
+
+    report_unused()  # earlier tests' wrappers: reported now
+    net = monai_trt.apply(TinySeg().eval(), [TWO_CPUS])
+    with torch.no_grad():
+        net(batch(1))  # one item: the first device only; the copy exists but serves nothing
+    assert len(monai_trt.wrappers(net)[""].replicas.replicas()) == 2
+    assert report_unused() == []
+
+
 def test_one_device_is_exactly_the_plain_path():
     x = batch(3)
     split = monai_trt.apply(TinySeg().eval(), [{**TWO_CPUS, "devices": ["cpu"]}])
@@ -284,6 +295,29 @@ def test_engine_failure_on_one_replica_is_that_replicas_fallback(net, monkeypatc
     torch.testing.assert_close(out, reference(net, x), rtol=1e-4, atol=1e-5)
     assert other.disabled and not monai_trt.wrappers(net)[""].disabled
     assert monai_trt.wrappers(net)[""].calls == {"engine": 3, "pytorch": 1}
+
+
+def test_each_copy_is_checked_against_pytorch_on_its_device_once(monkeypatch, trt_logs):
+    import monai_trt.runtime.devices as devices
+
+    checks = []
+
+    def disagree(outputs, reference, precision, tolerance=None):
+        checks.append(precision)
+        return "output 0 relative L2 error 0.5 > 0.001 (fp32)"
+
+    monkeypatch.setattr(devices, "compare_outputs", disagree)
+    net = monai_trt.apply(TinySeg().eval(), [TWO_CPUS])
+    x = batch(4)
+    with torch.no_grad():
+        out = net(x)
+        again = net(x)
+    torch.testing.assert_close(out, reference(net, x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again, reference(net, x), rtol=1e-4, atol=1e-5)
+    other = copy_wrapper(net)
+    assert checks == ["fp32"] and other.disabled  # checked once; then that copy runs PyTorch on its device
+    assert other.calls == {"engine": 0, "pytorch": 2} and not monai_trt.wrappers(net)[""].disabled
+    assert trt_logs.text(logging.WARNING).count("replica on cpu disagrees with PyTorch") == 1
 
 
 def test_callers_own_error_is_raised_unchanged(net):

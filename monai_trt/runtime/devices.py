@@ -46,8 +46,9 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from monai_trt.errors import BackendUnavailable
+from monai_trt.errors import BackendUnavailable, EngineBuildError
 from monai_trt.patch import PatchEntry
+from monai_trt.runtime.validate import compare_outputs
 
 __all__ = ["ReplicaSet", "plan_devices", "split_sizes", "CallerState"]
 
@@ -64,7 +65,7 @@ def _warn_once(cause: str, msg: str, *args: Any) -> None:
     logger.warning(msg, *args)
 
 
-def plan_devices(spec: PatchEntry) -> list[torch.device] | None:
+def plan_devices(spec: PatchEntry, label: str | None = None) -> list[torch.device] | None:
     """The devices `spec.devices` names that exist here, in order; None: calls are not split.
 
     "all" is every visible CUDA device (none: not split, no warning). Listed CUDA devices that do not exist are left
@@ -75,20 +76,21 @@ def plan_devices(spec: PatchEntry) -> list[torch.device] | None:
     """
     if spec.devices is None:
         return None
+    label = label or spec.describe()
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if spec.devices == "all":
         if count == 0:
-            logger.info("%s: devices 'all': no CUDA device here, calls are not split", spec.describe())
+            logger.info("%s: devices 'all': no CUDA device here, calls are not split", label)
             return None
         return [torch.device("cuda", i) for i in range(count)]
     wanted = [torch.device(d) for d in spec.devices]
     present = [d for d in wanted if d.type == "cpu" or d.index < count]
     if len(present) < len(wanted):
         missing = [str(d) for d in wanted if d not in present]
-        message = (f"{spec.describe()}: devices {missing} do not exist here ({count} CUDA device(s) visible)")
+        message = f"{label}: devices {missing} do not exist here ({count} CUDA device(s) visible)"
         if not spec.fallback:
             raise BackendUnavailable(message)
-        _warn_once(f"devices:{spec.describe()}:{missing}", "%s; %s", message,
+        _warn_once(f"devices:{label}:{missing}", "%s; %s", message,
                    f"using {[str(d) for d in present]}" if present else "calls are not split")
     return present or None
 
@@ -133,6 +135,7 @@ class _Replica:
         self.serve = serve
         self.module = module  # the copy (None for the owner's own device)
         self.failed: str | None = None
+        self.checked = module is None  # a copy's first engine answer is compared with PyTorch on its device
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     @property
@@ -181,8 +184,12 @@ class ReplicaSet:
     @classmethod
     def create(cls, owner: Any, factory: Callable[[nn.Module, PatchEntry], Any]) -> ReplicaSet | None:
         """The owner's replica set, or None when its entry splits nothing here."""
-        devices = plan_devices(owner.spec)
+        devices = plan_devices(owner.spec, getattr(owner, "label", None))
         return cls(owner, factory, devices) if devices else None
+
+    @property
+    def label(self) -> str:
+        return getattr(self.owner, "label", None) or self.owner.spec.describe()
 
     def active(self) -> bool:
         """False inside the owner's own share (its nested call takes the plain path) and once splitting stopped."""
@@ -260,7 +267,7 @@ class ReplicaSet:
             return gathered
         self.unsplit = why
         _warn_once(f"unsplit:{id(self)}", "%s: %s; calls are no longer split across devices",
-                   self.owner.spec.describe(), why)
+                   self.label, why)
         return self._own_call(args, kwargs, None)
 
     def _own_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], replica: _Replica | None) -> Any:
@@ -281,7 +288,34 @@ class ReplicaSet:
             before = dict(replica.serve.calls)
             outputs = replica.serve(*args, **kwargs)
             served = {k: replica.serve.calls[k] - before.get(k, 0) for k in before}
+            if not replica.checked and served.get("engine"):
+                outputs, served = self._check_copy(replica, args, kwargs, outputs, served)
             return pytree.tree_map_only(torch.Tensor, lambda t: t.to(caller), outputs), served
+
+    def _check_copy(self, replica: _Replica, args: Any, kwargs: Any, outputs: Any, served: dict[str, int]
+                    ) -> tuple[Any, dict[str, int]]:
+        """A copy's first engine answer against PyTorch on its device, whatever the cache remembers of earlier
+        validations (they are per GPU model, not per device). Disagreement: that copy runs PyTorch from now on."""
+        spec = self.owner.spec
+        if not spec.validate:
+            replica.checked = True
+            return outputs, served
+        with torch.no_grad():
+            reference = replica.serve.original(*args, **kwargs)
+        got, _ = pytree.tree_flatten(outputs)
+        want, _ = pytree.tree_flatten(reference)
+        error = compare_outputs(got, want, spec.precision, spec.tolerance)
+        replica.checked = True
+        if not error:
+            return outputs, served
+        message = f"the engine replica on {replica.device} disagrees with PyTorch: {error}"
+        if not spec.fallback:
+            raise EngineBuildError(message)
+        replica.serve.disabled = message
+        replica.serve.calls["engine"] -= 1  # its answer was not used
+        replica.serve.calls["pytorch"] += 1
+        _warn_once(f"check:{id(replica)}", "%s: %s; that device's shares run in PyTorch", self.label, message)
+        return reference, {"pytorch": 1}
 
     def _collect(self, replica: _Replica, future: concurrent.futures.Future, share: Any, caller: torch.device) -> Any:
         """A copy's outputs; when it raised: the share in PyTorch on the caller's device (or raise)."""
@@ -294,7 +328,7 @@ class ReplicaSet:
             outputs = self.owner.original(*args, **kwargs)  # PyTorch rejecting the inputs raises here: caller's error
             replica.failed = f"{type(err).__name__}: {err}"
             _warn_once(f"replica:{id(replica)}", "%s: the replica on %s failed (%s); its share ran in PyTorch on %s "
-                       "and later calls leave %s out", self.owner.spec.describe(), replica.device, replica.failed,
+                       "and later calls leave %s out", self.label, replica.device, replica.failed,
                        caller, replica.device)
             served = {"pytorch": 1}
         self._count(replica, served, add=True)
@@ -352,6 +386,10 @@ class ReplicaSet:
         for holder in (wrapper, getattr(wrapper, "engine_set", None)):
             if holder is not None and isinstance(getattr(holder, "label", None), str):
                 holder.label = f"{holder.label} on {device}"
+        usage, owner_usage = getattr(wrapper, "usage", None), getattr(self.owner, "usage", None)
+        if usage is not None and owner_usage is not None:  # never installed: its calls count as the owner's
+            usage.installed = 0
+            wrapper.usage = owner_usage
         return _Replica(device, wrapper, clone)
 
     def _current_stamp(self) -> tuple[Any, ...]:
@@ -372,7 +410,7 @@ class ReplicaSet:
             with torch.inference_mode(False), torch.no_grad():
                 for name, tensor in source.items():
                     target[name].detach().copy_(tensor.detach())
-        logger.info("%s: weights changed; the copies on %s follow", self.owner.spec.describe(),
+        logger.info("%s: weights changed; the copies on %s follow", self.label,
                     [str(r.device) for r in self._replicas if not r.own])
         self._slots = [d for m in self.owner.module.modules() for d in (m._parameters, m._buffers)]
         self._stamp = self._current_stamp()

@@ -181,7 +181,7 @@ def _check_entry(entry: PatchEntry, module: nn.Module, network: str) -> str | No
     Returns:
         None, or why an explicitly named method cannot run on the module's device (after warning once).
     """
-    plan_devices(entry)  # `devices` naming absent GPUs: a warning, or BackendUnavailable with fallback false
+    plan_devices(entry, entry.describe(network))  # absent GPUs in `devices`: a warning (fallback false: raises)
     if entry.method == "auto":
         accepted = set().union(*(cls.default_build_args for cls in BACKENDS.values()))
         unknown = sorted(set(entry.build_args) - accepted)
