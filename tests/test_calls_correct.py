@@ -308,7 +308,7 @@ def test_never_served_wrappers_are_reported_when_the_process_exits(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr
     lines = [line for line in (done.stdout + done.stderr).splitlines() if "never served a call" in line]
-    assert len(lines) == 1 and "monai_trt 'network.block' (onnxruntime, fp16)" in lines[0]
+    assert len(lines) == 1 and "monai_trt 'network.block' (onnxruntime, fp32)" in lines[0]
     assert "template" not in lines[0]  # its copy served a call: the template was used
 
 
