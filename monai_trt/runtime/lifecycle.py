@@ -28,7 +28,7 @@ from monai_trt.patch import PatchEntry
 from monai_trt.runtime.calls import CapturedCall, dtype_name, engine_float_dtype
 from monai_trt.runtime.profiles import plan_profiles, profile_accepts
 from monai_trt.runtime.refit import REFIT_EXPORT_ARGS, engine_weights, graph_weights, is_refittable
-from monai_trt.runtime.stamps import WeightsHasher, architecture_fingerprint
+from monai_trt.runtime.stamps import ModuleState
 from monai_trt.runtime.validate import compare_outputs
 
 __all__ = ["EngineSet", "LoadedEngine", "Reference", "open_cache", "no_autocast"]
@@ -52,13 +52,15 @@ def open_cache(path: str) -> EngineCache:
 class LoadedEngine:
     """An engine in memory, with the shapes it accepts, how to restore its outputs, and the weights it holds.
 
-    `fingerprint` is the module-weights digest the engine computes with (baked in, or last refitted with); it runs
-    only while that equals the module's current digest. None: holds no weights yet.
+    `fingerprint` is the module's (architecture, weights) digests the engine computes with (weights baked in, or
+    last refitted with); it runs only while that equals the module's current digests (checked on every call, see
+    :class:`monai_trt.runtime.stamps.ModuleState`). None: holds no weights yet.
     """
 
-    def __init__(self, engine: Any, cached: CacheEntry, fingerprint: str | None) -> None:
+    def __init__(self, engine: Any, cached: CacheEntry, fingerprint: tuple[str, str] | None) -> None:
         self.engine = engine
         self.cached = cached
+        self.architecture = cached.meta.get("key_inputs", {}).get("architecture")
         self.fingerprint = fingerprint
         self.refit_mode = cached.meta.get("refit", "none")
         io = cached.meta["io"]
@@ -99,8 +101,7 @@ class EngineSet:
         self.builds = 0
         self._backends: dict[str, tuple[Backend, dict[str, Any]]] = {}
         self._lock = threading.Lock()
-        self._weights: WeightsHasher | None = None
-        self._architecture: str | None = None
+        self._state: ModuleState | None = None  # created on the first key: the module may still be on `meta`
         self._warned: set[str] = set()
 
     def warn_once(self, cause: str, msg: str, *args: Any) -> None:
@@ -113,8 +114,8 @@ class EngineSet:
 
     # ------------------------------------------------------------------ serving
     def engine_for(self, call: CapturedCall, reference: Reference, autocast: bool) -> LoadedEngine | None:
-        """A loaded, validated engine for `call` holding the module's current weights, or None (run PyTorch)."""
-        current = self._weights.digest() if self._weights is not None else None  # ~30 us unless weights changed
+        """A loaded, validated engine for `call` for the module as it is now, or None (run PyTorch)."""
+        current = self._state.current() if self._state is not None else None  # the per-call check (README)
         for loaded in self.by_layout.get(call.layout, ()):
             if loaded.accepts(call.shapes) and loaded.fingerprint == current:
                 self._check_once(loaded, call, reference, autocast)
@@ -160,23 +161,29 @@ class EngineSet:
             self._backends[device.type] = (backend, args)
         return self._backends[device.type]
 
+    def refresh(self) -> None:
+        """Re-fingerprint and re-hash the module on its next call (see :func:`monai_trt.refresh`)."""
+        if self._state is not None:
+            self._state.refresh()
+
     # ------------------------------------------------------------------ weights
-    def _sync_weights(self, current: str) -> None:
-        """After a weights change: refit the engines built for refitting, drop those with weights baked in."""
+    def _sync_weights(self, current: tuple[str, str]) -> None:
+        """After a change: refit engines built for refitting if only weights changed; drop every other engine."""
         for layout, engines in self.by_layout.items():
             kept = []
             for loaded in engines:
                 if loaded.fingerprint == current:
                     kept.append(loaded)
-                elif loaded.refit_mode == "refit":
+                elif loaded.refit_mode == "refit" and loaded.architecture == current[0]:
                     self._refit(loaded, torch.device(layout.device), current)
                     kept.append(loaded)
                 else:
-                    logger.info("%s: weights changed; engine %s (weights baked in or refit identical) is dropped",
-                                self.label, loaded.cached.path)
+                    what = "weights" if loaded.architecture == current[0] else "architecture or attributes"
+                    logger.info("%s: %s changed; engine %s is dropped (a new key applies)",
+                                self.label, what, loaded.cached.path)
             self.by_layout[layout] = kept
 
-    def _refit(self, loaded: LoadedEngine, device: torch.device, current: str) -> None:
+    def _refit(self, loaded: LoadedEngine, device: torch.device, current: tuple[str, str]) -> None:
         """Give a weight-less engine (on `device`) the module's current weights; validated again on its next use."""
         start = time.perf_counter()
         loaded.fingerprint = None
@@ -190,22 +197,22 @@ class EngineSet:
     # ------------------------------------------------------------------ key → lookup/build → load → refit → validate
     def key_inputs(self, call: CapturedCall, profiles: list, backend: Backend, build_args: Mapping[str, Any]) -> dict:
         """Everything that changes the engine for `call` (see README "How the cache key works")."""
-        if self._weights is None:
-            self._weights = WeightsHasher(self.module)
-            self._architecture = architecture_fingerprint(self.module)
+        if self._state is None:
+            self._state = ModuleState(self.module)
+        architecture, weights = self._state.current()
         refit = self.spec.refit
         return {
             "submodule": self.spec.submodule,
             "module_class": f"{type(self.module).__module__}.{type(self.module).__qualname__}",
-            "architecture": self._architecture,
+            "architecture": architecture,
             "io": {**call.layout.to_json(), "profiles": profiles},
             "method": backend.name,
             "exporter": self.export_args(),
             "precision": self.spec.precision,
             "build_args": dict(build_args),
             "refit": refit,
-            "weights": "refit" if refit == "refit" else self._weights.digest(),  # refit: any weights of this design
-            "versions": backend.versions(),
+            "weights": "refit" if refit == "refit" else weights,  # refit: any weights of this design
+            "versions": {**self._state.versions, **backend.versions()},  # Python, monai, libraries in the path
             "device": device_info(torch.device(call.layout.device)),
             "platform": platform_info(),
         }
@@ -235,11 +242,11 @@ class EngineSet:
         if cached is None:
             cached = self._build(cache, key, key_inputs, call, profiles, backend, build_args, reference)
             clock.lap("build")
-        weights = key_inputs["weights"] if self.spec.refit == "none" else None
-        loaded = self._load(cache, cached, backend, device, weights)
+        baked = (key_inputs["architecture"], key_inputs["weights"]) if self.spec.refit == "none" else None
+        loaded = self._load(cache, cached, backend, device, baked)
         clock.lap("load")
         if self.spec.refit != "none":
-            self._refit(loaded, device, self._weights.digest())
+            self._refit(loaded, device, self._state.current())
             clock.lap("refit")
         cache.record_use(cached)
         self._check(loaded, call, reference, autocast)
@@ -310,7 +317,8 @@ class EngineSet:
         return cached
 
     def _load(
-        self, cache: EngineCache, cached: CacheEntry, backend: Backend, device: torch.device, fingerprint: str | None
+        self, cache: EngineCache, cached: CacheEntry, backend: Backend, device: torch.device,
+        fingerprint: tuple[str, str] | None,
     ) -> LoadedEngine:
         try:
             engine = backend.load(cached.path, cached.meta, device, use_cuda_graph=self.spec.use_cuda_graph)
