@@ -88,3 +88,16 @@ class FlagSeg(ActBase):
         if self.normalize:
             features = features / (features.abs().amax(dim=1, keepdim=True) + 1.0)
         return self.head(squash(features))
+
+
+class WideSeg(nn.Module):
+    """A middle convolution with more weights (82944) than the per-call check compares byte for byte."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv3d(1, 48, 1)
+        self.mid = nn.Conv3d(48, 64, 3, padding=1)
+        self.head = nn.Conv3d(64, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mid(torch.relu(self.stem(x)))))

@@ -67,17 +67,20 @@ class WeightsHasher:
 
 
 class ContentCheck:
-    """A cheap content checksum of many tensors: L2 norm and maximum of every floating tensor, exact copies of the rest.
+    """A cheap content check of many tensors: small ones byte for byte, large floating ones by L2 norm and maximum.
 
-    Per device and dtype one `torch._foreach_norm` and one `torch._foreach_max` (a few fused kernels on CUDA) read
-    every element; integer and boolean tensors (index buffers) are compared byte for byte with a copy. The result is
-    copied to the host in one transfer. It sees every write that changes a tensor's norm (at the tensor's precision)
-    or maximum — scaling, negating or replacing a whole tensor, EMA updates, added noise, almost any single element —
-    but not permutations of elements, nor a sign flip of an element that is not the maximum and keeps the norm.
+    Contiguous tensors of up to :data:`EXACT_ELEMENTS` elements (most tensors of a network: biases, norms, small
+    convolutions; integer and boolean index buffers of any size) are concatenated in one `torch.cat` and compared
+    byte for byte with a copy. Larger floating tensors are summarised per device and dtype by one
+    `torch._foreach_norm` and one `torch._foreach_max` (a few fused kernels on CUDA) reading every element. One
+    transfer per device brings the result to the host. It sees any change to a small tensor, and any change to a large
+    one that moves its norm (at its precision) or its maximum — scaling, negating or replacing it, EMA updates,
+    added noise, almost any single element — but not a permutation of its elements, nor a sign flip of one that is
+    not its maximum.
     """
 
     def __init__(self, tensors: Iterable[torch.Tensor]) -> None:
-        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+        large: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
         exact: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         for tensor in tensors:
             data = tensor.detach()  # shares storage: sees `.data` writes until the storage itself is replaced
@@ -85,27 +88,50 @@ class ContentCheck:
                 continue
             if data.is_complex():
                 data = torch.view_as_real(data)
-            if data.dtype in _FLOATS:
-                groups[(data.device, data.dtype)].append(data)
+            if data.dtype in _FLOATS and (data.numel() > EXACT_ELEMENTS or not data.is_contiguous()):
+                large[(data.device, data.dtype)].append(data)
             else:
                 exact[data.device].append(data)
-        self._groups = list(groups.values())
-        self._exact = {device: (group, _bytes(group).clone()) for device, group in exact.items()}
+        self._large = list(large.values())
+        self._exact = {device: _Bytes(group) for device, group in exact.items()}
 
-    def values(self) -> torch.Tensor | None:
-        """The checksum (compared bit for bit; None when there is nothing to check)."""
-        parts: list[torch.Tensor] = []
-        for group in self._groups:
+    def launch(self) -> list[torch.Tensor]:
+        """Start computing the check (asynchronously on CUDA): one int64 tensor per device."""
+        parts: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        for group in self._large:
             norms = torch._foreach_norm(group, 2, dtype=torch.float32 if group[0].element_size() < 4 else None)
             maxes = torch._foreach_max(group)
-            parts.append(torch.stack([*norms, *maxes]).to(torch.float64).view(torch.int64).cpu())
-        for group, reference in self._exact.values():
-            parts.append((_bytes(group) != reference).any().view(1).to(torch.int64).cpu())
-        return torch.cat(parts) if parts else None
+            parts[group[0].device].append(torch.stack([*norms, *maxes]).to(torch.float64).view(torch.int64))
+        for device, exact in self._exact.items():
+            parts[device].append(exact.changed().view(1).to(torch.int64))
+        return [torch.cat(found) if len(found) > 1 else found[0] for found in parts.values()]
+
+    def values(self) -> tuple[torch.Tensor, ...]:
+        """The check's result on the host (compared bit for bit with an earlier one)."""
+        return self.read(self.launch())
+
+    @staticmethod
+    def read(pending: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return tuple(part.cpu() for part in pending)
 
 
-def _bytes(group: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1).contiguous().view(torch.uint8) for t in group])
+EXACT_ELEMENTS = 65536  # SwinUNETR 48: 115 of its 159 tensors, 1.0 M of its 63 M elements (a 4 MB copy)
+
+
+class _Bytes:
+    """Tensors on one device compared byte for byte with a copy taken when the stamp was made."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        # flat byte views of contiguous tensors are made once; others are flattened (copied) on each check
+        self._views = [t.view(-1).view(torch.uint8) for t in tensors if t.is_contiguous()]
+        self._others = [t for t in tensors if not t.is_contiguous()]
+        self._copy = self._bytes().clone()
+
+    def _bytes(self) -> torch.Tensor:
+        return torch.cat([*self._views, *(t.reshape(-1).view(torch.uint8) for t in self._others)])
+
+    def changed(self) -> torch.Tensor:
+        return (self._bytes() != self._copy).any()
 
 
 def _tree(modules: list[nn.Module]) -> tuple[tuple[Any, ...], ...]:
@@ -167,6 +193,7 @@ class Stamp:
 
     def changed(self) -> str | None:
         """Why the module no longer matches this stamp (None: it does). Costs are in the README."""
+        pending = self._content.launch()  # on CUDA its kernels run while the host checks the tree
         ids = _ids(_tree(self._modules))
         if ids != self._tree_ids:
             tree = _tree(self._modules)
@@ -179,8 +206,8 @@ class Stamp:
             return "attribute contents"
         if self._tensor_versions() != self._versions:
             return "tensors updated in place"
-        checksum = self._content.values()
-        if checksum is not None and not torch.equal(checksum, self._checksum):
+        checksum = self._content.read(pending)
+        if not all(torch.equal(new, old) for new, old in zip(checksum, self._checksum)):
             return "tensor contents (a write that bypassed the version counter)"
         return None
 
