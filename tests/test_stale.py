@@ -197,9 +197,10 @@ def test_code_a_forward_reaches_is_in_the_key(target, name, replacement, x, cach
 def test_monai_and_python_versions_are_in_the_key(x, cache_dir):
     run(monai_trt.apply(TinySeg().eval(), [ORT]), x)
     (key,) = entries(cache_dir)
-    versions = json.loads((Path(cache_dir) / "entries" / key / "meta.json").read_text())["key_inputs"]["versions"]
-    assert versions["monai"] == monai.__version__ and versions["python"] == platform.python_version()
-    assert versions["onnxruntime"]  # the backend's own
+    inputs = json.loads((Path(cache_dir) / "entries" / key / "meta.json").read_text())["key_inputs"]
+    assert inputs["libraries"]["monai"] == monai.__version__
+    assert inputs["libraries"]["python"] == platform.python_version()
+    assert inputs["versions"]["onnxruntime"]  # the backend's own
 
 
 # ---------------------------------------------------------------- what only refresh() sees

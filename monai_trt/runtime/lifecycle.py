@@ -212,7 +212,8 @@ class EngineSet:
             "build_args": dict(build_args),
             "refit": refit,
             "weights": "refit" if refit == "refit" else weights,  # refit: any weights of this design
-            "versions": {**self._state.versions, **backend.versions()},  # Python, monai, libraries in the path
+            "versions": backend.versions(),  # what the engine's loadability depends on (see cache/inventory)
+            "libraries": self._state.versions,  # Python, monai and every library the module's code reaches
             "device": device_info(torch.device(call.layout.device)),
             "platform": platform_info(),
         }
