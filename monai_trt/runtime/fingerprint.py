@@ -245,7 +245,10 @@ class _Walk:
             if callable(value):
                 described["name"] = f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', '')}"
             return described  # torch/stdlib objects: their class (pinned by version) says enough
-        attrs = getattr(value, "__dict__", None)
+        try:
+            attrs = vars(value)
+        except Exception:  # no __dict__ (slots, C objects) or a proxy that raises on access: its class says it
+            attrs = None
         if isinstance(attrs, dict):
             self._active.add(id(value))
             try:
