@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
@@ -34,7 +35,8 @@ __all__ = ["architecture_fingerprint", "weights_digest", "WeightsHasher", "Modul
 
 logger = logging.getLogger(__name__)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_NUMPY = (torch.float16, torch.float32, torch.float64)
+_NUMPY = (torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
+          torch.bool)  # CPU tensors of these dtypes are checked through numpy
 
 
 def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -68,50 +70,54 @@ class WeightsHasher:
 
 
 class ContentCheck:
-    """A cheap content check of many tensors: small ones byte for byte, large floating ones by L2 norm and maximum.
+    """A cheap content check of many tensors: small ones byte for byte, large floating ones by two statistics.
 
     Contiguous tensors of up to :data:`EXACT_ELEMENTS` elements (most tensors of a network: biases, norms, small
-    convolutions; integer and boolean index buffers of any size) are concatenated in one `torch.cat` and compared
-    byte for byte with a copy. Larger floating tensors are summarised per device and dtype by one
-    `torch._foreach_norm` and one `torch._foreach_max` (a few fused kernels on CUDA) reading every element. One
-    transfer per device brings the result to the host. It sees any change to a small tensor, and any change to a large
-    one that moves its norm (at its precision) or its maximum — scaling, negating or replacing it, EMA updates,
-    added noise, almost any single element — but not a permutation of its elements, nor a sign flip of one that is
-    not its maximum.
+    convolutions; integer and boolean index buffers of any size) are compared byte for byte with a copy. Larger
+    floating tensors are summarised, reading every element: on CUDA by their L2 norm and maximum (one
+    `torch._foreach_norm` and one `torch._foreach_max` per dtype, a few fused kernels; one transfer per device
+    brings the result to the host); on CPU by their sum and maximum, in numpy (single-threaded: torch's parallel
+    reductions stall for many times their cost while an engine's thread pool spins). This sees any change to a small
+    tensor, and any change to a large one that moves its statistics — scaling, negating or replacing it, EMA updates,
+    added noise, almost any single element — but not a permutation of its elements (nor, on CUDA, a sign flip of an
+    element that is not its maximum).
     """
 
     def __init__(self, tensors: Iterable[torch.Tensor]) -> None:
         large: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
         exact: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        self._cpu_large: list[np.ndarray] = []
+        self._cpu_exact: list[np.ndarray] = []
         for tensor in tensors:
             data = tensor.detach()  # shares storage: sees `.data` writes until the storage itself is replaced
             if not data.numel() or data.device.type == "meta" or data.layout != torch.strided:
                 continue
             if data.is_complex():
                 data = torch.view_as_real(data)
-            if data.dtype in _FLOATS and (data.numel() > EXACT_ELEMENTS or not data.is_contiguous()):
+            is_large = data.dtype in _FLOATS and (data.numel() > EXACT_ELEMENTS or not data.is_contiguous())
+            if data.device.type == "cpu" and data.dtype in _NUMPY:
+                (self._cpu_large if is_large else self._cpu_exact).append(data.numpy())  # shares memory too
+            elif is_large:
                 large[(data.device, data.dtype)].append(data)
             else:
                 exact[data.device].append(data)
         self._large = list(large.values())
-        # on CPU, numpy's single-threaded max: torch's parallel one stalls for 10x its time on a busy machine
-        self._numpy = [[t.numpy() for t in g] if g[0].device.type == "cpu" and g[0].dtype in _NUMPY else None
-                       for g in self._large]
         self._exact = {device: _Bytes(group) for device, group in exact.items()}
+        self._cpu_copy = _joined(self._cpu_exact)
 
     def launch(self) -> list[torch.Tensor]:
         """Start computing the check (asynchronously on CUDA): one int64 tensor per device."""
         parts: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-        for group, arrays in zip(self._large, self._numpy):
+        for group in self._large:
             norms = torch._foreach_norm(group, 2, dtype=torch.float32 if group[0].element_size() < 4 else None)
-            if arrays is None:
-                stats = torch.stack([*norms, *torch._foreach_max(group)]).to(torch.float64)
-            else:
-                maxes = torch.tensor([float(a.max()) for a in arrays], dtype=torch.float64)
-                stats = torch.cat([torch.stack(norms).to(torch.float64), maxes])
+            stats = torch.stack([*norms, *torch._foreach_max(group)]).to(torch.float64)
             parts[group[0].device].append(stats.view(torch.int64))
         for device, exact in self._exact.items():
             parts[device].append(exact.changed().view(1).to(torch.int64))
+        if self._cpu_large or self._cpu_exact:
+            stats = [float(v) for a in self._cpu_large for v in (a.sum(), a.max())]
+            stats.append(float(_joined(self._cpu_exact) != self._cpu_copy))
+            parts[torch.device("cpu")].append(torch.tensor(stats, dtype=torch.float64).view(torch.int64))
         return [torch.cat(found) if len(found) > 1 else found[0] for found in parts.values()]
 
     def values(self) -> tuple[torch.Tensor, ...]:
@@ -123,23 +129,30 @@ class ContentCheck:
         return tuple(part.cpu() for part in pending)
 
 
+def _joined(arrays: list[np.ndarray]) -> bytes:
+    """The bytes of CPU arrays, one after the other (a single-threaded copy)."""
+    return b"".join(a.reshape(-1).view(np.uint8) if a.flags.c_contiguous else a.tobytes() for a in arrays)
+
+
 EXACT_ELEMENTS = 65536  # SwinUNETR 48: 115 of its 159 tensors, 1.0 M of its 63 M elements (a 4 MB copy)
 
 
 class _Bytes:
-    """Tensors on one device compared byte for byte with a copy taken when the stamp was made."""
+    """Tensors on one device compared byte for byte (as int64 words) with a copy taken when the stamp was made."""
 
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         # flat byte views of contiguous tensors are made once; others are flattened (copied) on each check
         self._views = [t.view(-1).view(torch.uint8) for t in tensors if t.is_contiguous()]
         self._others = [t for t in tensors if not t.is_contiguous()]
-        self._copy = self._bytes().clone()
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        self._views.append(torch.zeros(-size % 8, dtype=torch.uint8, device=tensors[0].device))  # to whole words
+        self._copy = self._words().clone()
 
-    def _bytes(self) -> torch.Tensor:
-        return torch.cat([*self._views, *(t.reshape(-1).view(torch.uint8) for t in self._others)])
+    def _words(self) -> torch.Tensor:
+        return torch.cat([*self._views, *(t.reshape(-1).view(torch.uint8) for t in self._others)]).view(torch.int64)
 
     def changed(self) -> torch.Tensor:
-        return (self._bytes() != self._copy).any()
+        return (self._words() != self._copy).any()
 
 
 def _tree(modules: list[nn.Module]) -> tuple[tuple[Any, ...], ...]:
