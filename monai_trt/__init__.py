@@ -15,12 +15,13 @@ from monai.apps.utils import get_logger as _get_logger
 _get_logger("monai_trt")  # MONAI-style: INFO to stdout; must run before any monai_trt.* logger exists
 
 from monai_trt.errors import BackendUnavailable, CacheError, EngineBuildError, MonaiTrtError, PatchError
-from monai_trt.runtime import apply, remove, wrappers
+from monai_trt.runtime import apply, refresh, remove, wrappers
 
 __version__ = "0.1.0"
 __all__ = [
     "apply",
     "remove",
+    "refresh",
     "wrappers",
     "MonaiTrtError",
     "PatchError",

@@ -21,6 +21,7 @@ from torch import nn
 
 from monai_trt.backends import Backend, BuildJob, merge_build_args, resolve_method
 from monai_trt.cache import BuildTimeout, CacheEntry, EngineCache, device_info, engine_key, platform_info
+from monai_trt.cache.keys import digest
 from monai_trt.cache.meta import ENGINE_FIELDS
 from monai_trt.errors import BackendUnavailable, EngineBuildError, ExportError, MonaiTrtError
 from monai_trt.events import Event, emit
@@ -30,7 +31,7 @@ from monai_trt.patch import PatchEntry
 from monai_trt.runtime.calls import CapturedCall, dtype_name, engine_float_dtype
 from monai_trt.runtime.profiles import plan_profiles, profile_accepts
 from monai_trt.runtime.refit import REFIT_EXPORT_ARGS, engine_weights, graph_weights, is_refittable
-from monai_trt.runtime.stamps import WeightsHasher, architecture_fingerprint
+from monai_trt.runtime.stamps import ModuleState
 from monai_trt.runtime.validate import compare_outputs
 from monai_trt.runtime.verdicts import Verdicts, median_seconds
 
@@ -60,13 +61,15 @@ def open_cache(path: str) -> EngineCache:
 class LoadedEngine:
     """An engine in memory, with the shapes it accepts, how to restore its outputs, and the weights it holds.
 
-    `fingerprint` is the module-weights digest the engine computes with (baked in, or last refitted with); it runs
-    only while that equals the module's current digest. None: holds no weights yet.
+    `fingerprint` is the module's (architecture, weights) digests the engine computes with (weights baked in, or
+    last refitted with); it runs only while that equals the module's current digests (checked on every call, see
+    :class:`monai_trt.runtime.stamps.ModuleState`). None: holds no weights yet.
     """
 
-    def __init__(self, engine: Any, cached: CacheEntry, fingerprint: str | None) -> None:
+    def __init__(self, engine: Any, cached: CacheEntry, fingerprint: tuple[str, str] | None) -> None:
         self.engine = engine
         self.cached = cached
+        self.architecture = cached.meta.get("key_inputs", {}).get("architecture")
         self.fingerprint = fingerprint
         self.refit_mode = cached.meta.get("refit", "none")
         io = cached.meta["io"]
@@ -78,7 +81,7 @@ class LoadedEngine:
         self.verdicts: Verdicts | None = None  # what this machine remembers about the entry
 
     @classmethod
-    def pytorch_only(cls, cached: CacheEntry, fingerprint: str | None) -> LoadedEngine:
+    def pytorch_only(cls, cached: CacheEntry, fingerprint: tuple[str, str] | None) -> LoadedEngine:
         """A placeholder for an entry the speed gate rejected here: it holds no engine and serves nothing."""
         placeholder = cls(None, cached, fingerprint)
         placeholder.serve = False
@@ -121,8 +124,7 @@ class EngineSet:
         self.builds = 0
         self._backends: dict[str, tuple[Backend, dict[str, Any]]] = {}
         self._lock = threading.Lock()
-        self._weights: WeightsHasher | None = None
-        self._architecture: str | None = None
+        self._state: ModuleState | None = None  # created on the first key: the module may still be on `meta`
         self._warned: set[str] = set()
         self._busy: set[str] = set()  # keys whose build lock outlasted build_timeout once
 
@@ -136,8 +138,8 @@ class EngineSet:
 
     # ------------------------------------------------------------------ serving
     def engine_for(self, call: CapturedCall, reference: Reference, autocast: bool) -> LoadedEngine | None:
-        """A loaded, validated engine for `call` holding the module's current weights, or None (run PyTorch)."""
-        current = self._weights.digest() if self._weights is not None else None  # ~30 us unless weights changed
+        """A loaded, validated engine for `call` for the module as it is now, or None (run PyTorch)."""
+        current = self._state.current() if self._state is not None else None  # the per-call check (README)
         for loaded in self.by_layout.get(call.layout, ()):
             if loaded.accepts(call.shapes) and loaded.fingerprint == current:
                 if not loaded.serve:
@@ -187,26 +189,32 @@ class EngineSet:
             self._backends[device.type] = (backend, args)
         return self._backends[device.type]
 
+    def refresh(self) -> None:
+        """Re-fingerprint and re-hash the module on its next call (see :func:`monai_trt.refresh`)."""
+        if self._state is not None:
+            self._state.refresh()
+
     # ------------------------------------------------------------------ weights
-    def _sync_weights(self, current: str) -> None:
-        """After a weights change: refit the engines built for refitting, drop those with weights baked in."""
+    def _sync_weights(self, current: tuple[str, str]) -> None:
+        """After a change: refit engines built for refitting if only weights changed; drop every other engine."""
         for layout, engines in self.by_layout.items():
             kept = []
             for loaded in engines:
                 if loaded.fingerprint == current:
                     kept.append(loaded)
-                elif loaded.refit_mode == "refit":
+                elif loaded.refit_mode == "refit" and loaded.architecture == current[0]:
                     if loaded.serve:
                         self._refit(loaded, torch.device(layout.device), current)
                     else:
                         loaded.fingerprint = current  # a placeholder: no weights to give it
                     kept.append(loaded)
                 else:
-                    logger.info("%s: weights changed; engine %s (weights baked in or refit identical) is dropped",
-                                self.label, loaded.cached.path)
+                    what = "weights" if loaded.architecture == current[0] else "architecture or attributes"
+                    logger.info("%s: %s changed; engine %s is dropped (a new key applies)",
+                                self.label, what, loaded.cached.path)
             self.by_layout[layout] = kept
 
-    def _refit(self, loaded: LoadedEngine, device: torch.device, current: str) -> None:
+    def _refit(self, loaded: LoadedEngine, device: torch.device, current: tuple[str, str]) -> None:
         """Give a weight-less engine (on `device`) the module's current weights; validated again on its next use."""
         start = time.perf_counter()
         loaded.fingerprint = None
@@ -220,22 +228,23 @@ class EngineSet:
     # ------------------------------------------------------------------ key → lookup/build → load → refit → validate
     def key_inputs(self, call: CapturedCall, profiles: list, backend: Backend, build_args: Mapping[str, Any]) -> dict:
         """Everything that changes the engine for `call` (see README "How the cache key works")."""
-        if self._weights is None:
-            self._weights = WeightsHasher(self.module)
-            self._architecture = architecture_fingerprint(self.module)
+        if self._state is None:
+            self._state = ModuleState(self.module)
+        architecture, weights = self._state.current()
         refit = self.spec.refit
         return {
             "submodule": self.spec.submodule,
             "module_class": f"{type(self.module).__module__}.{type(self.module).__qualname__}",
-            "architecture": self._architecture,
+            "architecture": architecture,
             "io": {**call.layout.to_json(), "profiles": profiles},
             "method": backend.name,
             "exporter": self.export_args(),
             "precision": self.spec.precision,
             "build_args": dict(build_args),
             "refit": refit,
-            "weights": "refit" if refit == "refit" else self._weights.digest(),  # refit: any weights of this design
-            "versions": backend.versions(),
+            "weights": "refit" if refit == "refit" else weights,  # refit: any weights of this design
+            "versions": backend.versions(),  # what the engine's loadability depends on (see cache/inventory)
+            "libraries": self._state.versions,  # Python, monai and every library the module's code reaches
             "device": device_info(torch.device(call.layout.device)),
             "platform": platform_info(),
         }
@@ -272,21 +281,21 @@ class EngineSet:
             except BuildTimeout as err:
                 return self._wait_later(key, err)
             clock.lap("build")
-        weights = key_inputs["weights"] if self.spec.refit == "none" else None
+        baked = (key_inputs["architecture"], key_inputs["weights"]) if self.spec.refit == "none" else None
         verdicts = Verdicts(cache, key, device)
         speed = verdicts.speed if self.spec.speed_gate else None
         if speed is not None and not speed["serve"]:  # measured here before: PyTorch is as fast; nothing to load
             cache.release(cached)
             self._say_slower(cached, speed, remembered=True)
-            return LoadedEngine.pytorch_only(cached, self._weights.digest())
-        loaded = self._load(cache, cached, backend, device, weights)
+            return LoadedEngine.pytorch_only(cached, self._state.current())
+        loaded = self._load(cache, cached, backend, device, baked)
         loaded.verdicts = verdicts
         clock.lap("load")
         if self.spec.refit != "none":
-            self._refit(loaded, device, self._weights.digest())
+            self._refit(loaded, device, self._state.current())
             clock.lap("refit")
         cache.record_use(cached)
-        fingerprint = self._weights.digest()
+        fingerprint = digest(self._state.current())  # architecture and weights the engine is validated with
         if self.spec.refit != "refit" and not autocast and verdicts.validated(fingerprint):
             loaded.checked_autocast.add(autocast)  # validated here before with these weights: no PyTorch forward
             clock.lap("validated before")
@@ -377,7 +386,8 @@ class EngineSet:
         return cached
 
     def _load(
-        self, cache: EngineCache, cached: CacheEntry, backend: Backend, device: torch.device, fingerprint: str | None
+        self, cache: EngineCache, cached: CacheEntry, backend: Backend, device: torch.device,
+        fingerprint: tuple[str, str] | None,
     ) -> LoadedEngine:
         """Load the verified copy of `cached`. A meta.json the engine cannot be described from is an integrity
         failure (quarantined, rebuilt by the next process); a backend that fails to load or returns an engine that

@@ -1,72 +1,278 @@
-"""Module fingerprints: the architecture and weights digests that go into a cache key and the per-call stamp.
+"""The module fingerprints that go into a cache key, and the per-call check that they still describe the module.
 
-The weights hash is a real content hash (sha256 over every parameter and buffer), memoized on the tensors'
-identity and version counters so that the hot path only compares a tuple of integers.
+- :func:`architecture_fingerprint` (:mod:`.fingerprint`): everything except the weights' values.
+- :func:`weights_digest`: sha256 over every parameter and buffer, persistent or not.
+- :class:`ModuleState`: both digests, kept current by a per-call :class:`Stamp` that sees structure and attribute
+  changes (the identity of every submodule, attribute value, parameter and buffer; hooks), in-place updates (version
+  counters, storage pointers) and — through a content checksum — writes that bypass the version counter
+  (`.data`, numpy views). When the stamp changes, both digests are recomputed; :meth:`ModuleState.refresh` forces
+  that on the next call. What the checksum can miss is in the README ("What is detected").
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
-from functools import lru_cache
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
-from monai_trt.cache.keys import digest
+from monai_trt.runtime.fingerprint import (
+    MODULE_BOOKKEEPING,
+    architecture_fingerprint,
+    fingerprint_module,
+    plain_tensor_attributes,
+)
 
-__all__ = ["architecture_fingerprint", "WeightsHasher"]
+__all__ = ["architecture_fingerprint", "weights_digest", "WeightsHasher", "ModuleState", "Stamp", "ContentCheck"]
+
+logger = logging.getLogger(__name__)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NUMPY = (torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
+          torch.bool)  # CPU tensors of these dtypes are checked through numpy
 
 
-@lru_cache(maxsize=None)
-def _class_source_hash(cls: type) -> str:
-    """Hash of a class's source (so editing a network's code changes the key); its name when unreadable."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        source = f"{cls.__module__}.{cls.__qualname__}"
-    return hashlib.sha256(source.encode()).hexdigest()[:16]
+def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer (tied and non-persistent ones too), by name."""
+    return [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
 
 
-def architecture_fingerprint(module: nn.Module) -> str:
-    """Structure of `module`: its repr (layer hyper-parameters), tensor names/shapes/dtypes, and class sources."""
-    tensors = [(n, list(t.shape), str(t.dtype)) for n, t in module.state_dict(keep_vars=True).items()]
-    classes = sorted({f"{type(m).__module__}.{type(m).__qualname__}:{_class_source_hash(type(m))}"
-                      for m in module.modules()})
-    return digest({"repr": repr(module), "tensors": tensors, "classes": classes})
+def weights_digest(module: nn.Module) -> str:
+    """sha256 over the name, dtype, shape and bytes of every parameter and buffer (non-persistent ones too)."""
+    sha = hashlib.sha256()
+    first: dict[int, str] = {}
+    for name, tensor in _named_tensors(module):
+        data = tensor.detach()
+        sha.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
+        tied = first.setdefault(id(tensor), name)
+        if tied != name:
+            sha.update(f"tied:{tied};".encode())
+        elif data.numel() and data.device.type != "meta" and data.layout == torch.strided:
+            sha.update(data.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+    return sha.hexdigest()
 
 
 class WeightsHasher:
-    """Content hash of a module's parameters and buffers, recomputed only when a tensor changed.
-
-    The per-call check (:meth:`changed`) compares identity, storage pointer and in-place version counter of every
-    parameter and buffer (`load_state_dict`, `copy_`, optimiser steps and `.to()` all change one of them); it
-    costs ~30 us for SwinUNETR. The sha256 over the tensor bytes (~0.25 s for SwinUNETR on CPU) runs only then.
-    """
+    """The weights digest of a module (kept for callers that hash a module once, e.g. `monai_trt verify`)."""
 
     def __init__(self, module: nn.Module) -> None:
         self._module = module
-        self._slots = [d for m in module.modules() for d in (m._parameters, m._buffers)]
-        self._stamp: tuple[Any, ...] | None = None
-        self._hash = ""
-
-    def _current_stamp(self) -> tuple[Any, ...]:
-        return tuple((id(t), t.data_ptr(), t._version) for d in self._slots for t in d.values() if t is not None)
-
-    def changed(self) -> bool:
-        """True when any tensor changed since the last :meth:`digest`."""
-        return self._current_stamp() != self._stamp
 
     def digest(self) -> str:
-        """sha256 over names, dtypes, shapes and bytes of the state_dict (memoized)."""
-        stamp = self._current_stamp()
-        if stamp != self._stamp:
-            sha = hashlib.sha256()
-            for name, tensor in self._module.state_dict(keep_vars=True).items():
-                data = tensor.detach()
-                sha.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
-                if data.numel():
-                    sha.update(data.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
-            self._hash, self._stamp = sha.hexdigest(), stamp
-        return self._hash
+        return weights_digest(self._module)
+
+
+class ContentCheck:
+    """A cheap content check of many tensors: small ones byte for byte, large floating ones by two statistics.
+
+    Contiguous tensors of up to :data:`EXACT_ELEMENTS` elements (most tensors of a network: biases, norms, small
+    convolutions; integer and boolean index buffers of any size) are compared byte for byte with a copy. Larger
+    floating tensors are summarised, reading every element: on CUDA by their L2 norm and maximum (one
+    `torch._foreach_norm` and one `torch._foreach_max` per dtype, a few fused kernels; one transfer per device
+    brings the result to the host); on CPU by their sum and maximum, in numpy (single-threaded: torch's parallel
+    reductions stall for many times their cost while an engine's thread pool spins). This sees any change to a small
+    tensor, and any change to a large one that moves its statistics — scaling, negating or replacing it, EMA updates,
+    added noise, almost any single element — but not a permutation of its elements (nor, on CUDA, a sign flip of an
+    element that is not its maximum).
+    """
+
+    def __init__(self, tensors: Iterable[torch.Tensor]) -> None:
+        large: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+        exact: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        self._cpu_large: list[np.ndarray] = []
+        self._cpu_exact: list[np.ndarray] = []
+        for tensor in tensors:
+            data = tensor.detach()  # shares storage: sees `.data` writes until the storage itself is replaced
+            if not data.numel() or data.device.type == "meta" or data.layout != torch.strided:
+                continue
+            if data.is_complex():
+                data = torch.view_as_real(data)
+            is_large = data.dtype in _FLOATS and (data.numel() > EXACT_ELEMENTS or not data.is_contiguous())
+            if data.device.type == "cpu" and data.dtype in _NUMPY:
+                (self._cpu_large if is_large else self._cpu_exact).append(data.numpy())  # shares memory too
+            elif is_large:
+                large[(data.device, data.dtype)].append(data)
+            else:
+                exact[data.device].append(data)
+        self._large = list(large.values())
+        self._exact = {device: _Bytes(group) for device, group in exact.items()}
+        self._cpu_copy = _joined(self._cpu_exact)
+
+    def launch(self) -> list[torch.Tensor]:
+        """Start computing the check (asynchronously on CUDA): one int64 tensor per device."""
+        parts: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        for group in self._large:
+            norms = torch._foreach_norm(group, 2, dtype=torch.float32 if group[0].element_size() < 4 else None)
+            stats = torch.stack([*norms, *torch._foreach_max(group)]).to(torch.float64)
+            parts[group[0].device].append(stats.view(torch.int64))
+        for device, exact in self._exact.items():
+            parts[device].append(exact.changed().view(1).to(torch.int64))
+        if self._cpu_large or self._cpu_exact:
+            stats = [float(v) for a in self._cpu_large for v in (a.sum(), a.max())]
+            stats.append(float(_joined(self._cpu_exact) != self._cpu_copy))
+            parts[torch.device("cpu")].append(torch.tensor(stats, dtype=torch.float64).view(torch.int64))
+        return [torch.cat(found) if len(found) > 1 else found[0] for found in parts.values()]
+
+    def values(self) -> tuple[torch.Tensor, ...]:
+        """The check's result on the host (compared bit for bit with an earlier one)."""
+        return self.read(self.launch())
+
+    @staticmethod
+    def read(pending: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return tuple(part.cpu() for part in pending)
+
+
+def _joined(arrays: list[np.ndarray]) -> bytes:
+    """The bytes of CPU arrays, one after the other (a single-threaded copy)."""
+    return b"".join(a.reshape(-1).view(np.uint8) if a.flags.c_contiguous else a.tobytes() for a in arrays)
+
+
+EXACT_ELEMENTS = 65536  # SwinUNETR 48: 115 of its 159 tensors, 1.0 M of its 63 M elements (a 4 MB copy)
+
+
+class _Bytes:
+    """Tensors on one device compared byte for byte (as int64 words) with a copy taken when the stamp was made."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        # flat byte views of contiguous tensors are made once; others are flattened (copied) on each check
+        self._views = [t.view(-1).view(torch.uint8) for t in tensors if t.is_contiguous()]
+        self._others = [t for t in tensors if not t.is_contiguous()]
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        self._views.append(torch.zeros(-size % 8, dtype=torch.uint8, device=tensors[0].device))  # to whole words
+        self._copy = self._words().clone()
+
+    def _words(self) -> torch.Tensor:
+        return torch.cat([*self._views, *(t.reshape(-1).view(torch.uint8) for t in self._others)]).view(torch.int64)
+
+    def changed(self) -> torch.Tensor:
+        return (self._words() != self._copy).any()
+
+
+def _tree(modules: list[nn.Module]) -> tuple[tuple[Any, ...], ...]:
+    """Per module: its attribute values, children, parameters and buffers, and forward hook handles."""
+    return tuple(
+        (*m.__dict__.values(), *m._modules.values(), *m._parameters.values(), *m._buffers.values(),
+         *m._forward_hooks, *m._forward_pre_hooks)
+        for m in modules
+    )
+
+
+def _ids(tree: tuple[tuple[Any, ...], ...]) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(map(id, values)) for values in tree)
+
+
+def _values(tree: tuple[tuple[Any, ...], ...]) -> tuple[tuple[Any, ...], ...]:
+    return tuple(tuple(map(_freeze, values)) for values in tree)
+
+
+def _freeze(value: Any) -> Any:
+    """A comparable copy of a mutable container attribute (compared by value: in-place edits keep its identity)."""
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, set)):
+        return (type(value).__name__, tuple(_freeze(v) for v in value))
+    if isinstance(value, tuple):
+        return tuple(_freeze(v) for v in value)
+    return value if isinstance(value, (type(None), bool, int, float, str)) else id(value)
+
+
+class Stamp:
+    """What the per-call check compares: a snapshot of the module tree, tensor identities/versions and checksum."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self._modules = list(module.modules())
+        self._tree = _tree(self._modules)  # keeps every value alive, so that no id is reused while compared
+        self._tree_ids = _ids(self._tree)
+        self._values = _values(self._tree)
+        self._containers = [
+            (m.__dict__, name, _freeze(value)) for m in self._modules for name, value in m.__dict__.items()
+            if name not in MODULE_BOOKKEEPING and isinstance(value, (list, dict, set))
+        ]
+        self._global_hooks = self._hooks()
+        unique = {id(t): t for m in self._modules for d in (m._parameters, m._buffers) for t in d.values()
+                  if t is not None}
+        unique.update({id(t): t for t in plain_tensor_attributes(module)})
+        self._tensors = [t for t in unique.values() if t.layout == torch.strided]
+        self._versioned = [t for t in self._tensors if not t.is_inference()]  # inference tensors have no counter
+        self._versions = self._tensor_versions()
+        self._content = ContentCheck(self._tensors)
+        self._checksum = self._content.values()
+
+    @staticmethod
+    def _hooks() -> tuple[int, ...]:
+        return (*_torch_module._global_forward_pre_hooks, *_torch_module._global_forward_hooks)
+
+    def _tensor_versions(self) -> tuple[Any, ...]:
+        return (tuple(t.data_ptr() for t in self._tensors), tuple(t._version for t in self._versioned))
+
+    def changed(self) -> str | None:
+        """Why the module no longer matches this stamp (None: it does). Costs are in the README."""
+        pending = self._content.launch()  # on CUDA its kernels run while the host checks the tree
+        ids = _ids(_tree(self._modules))
+        if ids != self._tree_ids:
+            tree = _tree(self._modules)
+            if _values(tree) != self._values:
+                return "structure or attributes"
+            self._tree, self._tree_ids = tree, ids  # equal values in new objects (torch.export copies tuples)
+        if self._hooks() != self._global_hooks:
+            return "global hooks"
+        if any(_freeze(attrs.get(name)) != frozen for attrs, name, frozen in self._containers):
+            return "attribute contents"
+        if self._tensor_versions() != self._versions:
+            return "tensors updated in place"
+        checksum = self._content.read(pending)
+        if not all(torch.equal(new, old) for new, old in zip(checksum, self._checksum)):
+            return "tensor contents (a write that bypassed the version counter)"
+        return None
+
+
+class ModuleState:
+    """The (architecture, weights) digests of a module as it is now, checked on every call.
+
+    :attr:`versions` holds the versions of Python and of the libraries the module's code reaches (for the key).
+
+    Args:
+        module: the wrapped module.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._lock = threading.Lock()
+        self._stamp: Stamp | None = None
+        self._digests = ("", "")
+        self._full = True
+        self.versions: dict[str, str] = {}
+
+    def refresh(self) -> None:
+        """Re-fingerprint and re-hash everything on the next :meth:`current`, whatever the stamp says."""
+        self._full = True
+
+    def current(self) -> tuple[str, str]:
+        """(architecture, weights) digests of the module now; recomputed only when the per-call stamp changed."""
+        stamp = self._stamp
+        if stamp is not None and not self._full:
+            why = stamp.changed()
+            if why is None:
+                return self._digests
+        else:
+            why = "refresh" if stamp is not None else None
+        with self._lock:
+            if self._stamp is not stamp:  # another thread has just recomputed
+                return self._digests
+            start = time.perf_counter()
+            self._full = False
+            new = Stamp(self.module)  # before hashing: a change during hashing shows on the next call
+            architecture, self.versions = fingerprint_module(self.module)
+            self._digests = (architecture, weights_digest(self.module))
+            self._stamp = new
+            if why is not None:
+                logger.info("%s changed (%s): fingerprints recomputed in %.2f s",
+                            type(self.module).__name__, why, time.perf_counter() - start)
+            return self._digests
