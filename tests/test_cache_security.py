@@ -477,6 +477,8 @@ def test_team_cache_prepared_by_another_account(shared_tmp):
         """
     runs = [as_nobody(probe), as_nobody(probe, {"MONAI_TRT_TRUSTED_UIDS": "root"})]  # in parallel: imports are slow
     (untrusted, untrusted_err), (trusted, trusted_err) = (p.communicate(timeout=300) for p in runs)
+    if "ModuleNotFoundError" in untrusted_err + trusted_err:  # e.g. a virtual environment only root can read
+        pytest.skip("the second account cannot import this Python environment")
     assert all(p.returncode == 0 for p in runs), (untrusted_err, trusted_err)
     assert json.loads(untrusted.splitlines()[-1]) == {"used": False, "bytes": None}
     assert "owned by uid 0 (root)" in untrusted  # the warning, naming the owner
