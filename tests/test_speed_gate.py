@@ -91,6 +91,14 @@ def test_a_cache_hit_skips_the_pytorch_forward_once_validated_here():
     assert CountingSeg.forwards == 0, "a remembered validation must not run PyTorch again"
     assert monai_trt.wrappers(again)[""].calls == {"engine": 1, "pytorch": 0}
 
+    _new_process()  # a stricter tolerance than the remembered validation used: validated again
+    strict = CountingSeg().eval()
+    strict.load_state_dict(net.state_dict())
+    strict = monai_trt.apply(strict, [{**ORT, "tolerance": 1e-5}])
+    CountingSeg.forwards = 0
+    _run(strict, x)
+    assert CountingSeg.forwards >= 1
+
 
 def test_refit_engines_are_validated_after_every_refit():
     x = torch.randn(2, 1, 12, 12, 12)

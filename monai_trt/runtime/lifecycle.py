@@ -295,7 +295,8 @@ class EngineSet:
             self._refit(loaded, device, self._state.current())
             clock.lap("refit")
         cache.record_use(cached)
-        fingerprint = digest(self._state.current())  # architecture and weights the engine is validated with
+        # what the engine is validated for: architecture, weights and how strict the comparison was
+        fingerprint = digest([self._state.current(), self.spec.precision, self.spec.tolerance])
         if self.spec.refit != "refit" and not autocast and verdicts.validated(fingerprint):
             loaded.checked_autocast.add(autocast)  # validated here before with these weights: no PyTorch forward
             clock.lap("validated before")
