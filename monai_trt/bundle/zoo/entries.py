@@ -148,8 +148,8 @@ class Converter:
         if any(re.search(rf"@{re.escape(g)}(?:\.\w+\([^()]*\))*\.eval\(\)", text) for g in group):
             return
         self.unmapped.append(
-            f"@{network} is never put in eval mode by the bundle (no evaluator, no .eval()); monai_trt runs modules "
-            "in training mode in PyTorch, so no engine serves it until the bundle (or monai_trt) calls .eval()"
+            f"@{network} is never put in eval mode by the bundle (no evaluator, no .eval()); monai_trt serves it only "
+            "while no gradient is needed and no layer behaves differently in training (else PyTorch, one warning)"
         )
 
     def _autoencoder(self, network: str, entry: dict[str, Any]) -> None:

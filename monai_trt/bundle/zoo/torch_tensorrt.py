@@ -18,8 +18,8 @@ from monai_trt.bundle.zoo.readme import parse_trt_export_commands
 
 # `trt_export` flags with no counterpart here, and why.
 UNMAPPED_FLAGS = {
-    "use_trace": "monai_trt exports with torch.export / torch.onnx(dynamo=True), never jit.trace; a network "
-                 "with data-dependent Python control flow fails that export and runs in PyTorch (one warning)",
+    "use_trace": "monai_trt exports with torch.export first and traces (onnx/onnxruntime) only when that fails and "
+                 "no Python decision of the forward reads an input value; otherwise PyTorch (one warning)",
     "input_shape": "engines are built for the shapes of the real calls (plus dynamic_batchsize)",
     "onnx_input_names": "inputs are named after the forward's arguments",
     "onnx_output_names": "outputs keep the forward's structure; names are cosmetic",
