@@ -97,3 +97,28 @@ def test_input_control_flow_is_refused_once_and_remembered(trt_logs, monkeypatch
     third = monai_trt.apply(InputBranch().eval(), [ORT])  # other weights: another key, tried again (and refused)
     _run(third, x)
     assert attempts == [1]
+
+
+class BatchBaked(nn.Module):
+    """Control flow on a buffer (not exportable) and a Python int taken from the batch size (baked by a trace)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("code", torch.tensor([1]))
+        self.conv = nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.code[0]:
+            y = y + torch.ones(int(x.shape[0]), 1, 1, 1, 1)  # a trace keeps the first call's batch here
+        return y
+
+
+def test_a_trace_that_bakes_the_batch_size_is_refused(trt_logs):
+    plain = BatchBaked().eval()
+    x = torch.randn(3, 1, 6, 6, 6)
+    expected = _run(plain, x)
+    net = monai_trt.apply(plain, [ORT])
+    torch.testing.assert_close(_run(net, x), expected)
+    assert "depends on the size of a dynamic dimension" in trt_logs.text()
+    assert monai_trt.wrappers(net)[""].calls["engine"] == 0

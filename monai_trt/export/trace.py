@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import traceback
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -95,6 +96,7 @@ def export_onnx_traced(job: BuildJob, path: str, opset_version: int) -> None:
     if decision is not None:
         raise ExportError(f"the forward's control flow depends on its inputs ({decision}); a traced graph would "
                           "answer for one path only, so no engine is exported")
+    _check_dynamic_dims(job)
     dynamic_axes: dict[str, dict[int, str]] = {}
     for name, ranges in zip(job.input_names, job.ranges):
         axes = {d: f"{name}_dim{d}" for d, (lo, hi) in enumerate(ranges) if lo != hi}
@@ -113,3 +115,29 @@ def export_onnx_traced(job: BuildJob, path: str, opset_version: int) -> None:
         raise ExportError(f"tracing to ONNX failed: {type(err).__name__}: {err}") from err
     logger.info("%s: exported by tracing (torch.export could not capture it; its control flow reads no input "
                 "values)", job.label)
+
+
+def _check_dynamic_dims(job: BuildJob) -> None:
+    """A trace records Python arithmetic on sizes as constants: re-trace at the smallest size of every dynamic dim and
+    require the same graph (`torch.jit.trace`'s own check), so an engine never serves sizes its trace baked out.
+
+    Raises:
+        ExportError: the traced graph depends on a dynamic dimension's size.
+    """
+    small = []
+    for tensor, ranges in zip(job.example_inputs, job.ranges):
+        for dim, (lo, hi) in enumerate(ranges):
+            if lo != hi and tensor.shape[dim] != lo:
+                tensor = tensor.narrow(dim, 0, lo) if lo <= tensor.shape[dim] else tensor
+        small.append(tensor.contiguous())
+    if all(a.shape == b.shape for a, b in zip(small, job.example_inputs)):
+        return
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.trace(job.module, tuple(job.example_inputs), check_inputs=[tuple(small)], check_trace=True)
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ExportError(f"the traced graph depends on the size of a dynamic dimension ({type(err).__name__}: "
+                          f"{first}); no engine is exported for the range") from err
+
