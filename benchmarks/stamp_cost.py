@@ -22,7 +22,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import types
 from collections.abc import Callable
 
@@ -51,21 +50,9 @@ def _swin() -> torch.nn.Module:
 
 
 def _timer(device: str) -> Callable[[Callable[[], object], int], list[float]]:
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
+    from monai_trt.runtime.verdicts import sample_seconds
 
-    def time_it(fn: Callable[[], object], repeats: int) -> list[float]:
-        times = []
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - start)
-        return times
-
-    return time_it
+    return lambda fn, repeats: sample_seconds(fn, torch.device(device), repeats)
 
 
 def measure(name: str, batch: int, device: str, method: str, precision: str, repeats: int, cache: str) -> dict:

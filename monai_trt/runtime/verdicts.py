@@ -19,7 +19,7 @@ import torch
 
 from monai_trt.cache import EngineCache
 
-__all__ = ["Verdicts", "machine_id", "median_seconds"]
+__all__ = ["Verdicts", "machine_id", "median_seconds", "sample_seconds"]
 
 RECORD = "verdicts"
 
@@ -45,14 +45,13 @@ def _cpu_model() -> str:
     return "cpu"
 
 
-def median_seconds(run: Callable[[], Any], device: torch.device, repeats: int = 3) -> float:
-    """Median wall time of `run()` after one warm-up call (CUDA synchronised)."""
+def sample_seconds(run: Callable[[], Any], device: torch.device, repeats: int) -> list[float]:
+    """Wall time of each of `repeats` calls of `run()` (CUDA synchronised before and after each)."""
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    run()
     times = []
     for _ in range(repeats):
         sync()
@@ -60,6 +59,13 @@ def median_seconds(run: Callable[[], Any], device: torch.device, repeats: int = 
         run()
         sync()
         times.append(time.perf_counter() - start)
+    return times
+
+
+def median_seconds(run: Callable[[], Any], device: torch.device, repeats: int = 3) -> float:
+    """Median wall time of `run()` after one warm-up call (CUDA synchronised)."""
+    run()
+    times = sample_seconds(run, device, repeats)
     return sorted(times)[len(times) // 2]
 
 
