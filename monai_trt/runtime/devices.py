@@ -50,7 +50,7 @@ from monai_trt.errors import BackendUnavailable, EngineBuildError
 from monai_trt.patch import PatchEntry
 from monai_trt.runtime.validate import compare_outputs
 
-__all__ = ["ReplicaSet", "plan_devices", "split_sizes", "CallerState"]
+__all__ = ["ReplicaSet", "plan_devices", "split_sizes", "CallerState", "module_device"]
 
 logger = logging.getLogger(__name__)
 _WARNED: set[str] = set()
@@ -344,7 +344,7 @@ class ReplicaSet:
     # ------------------------------------------------------------------ replicas and their weights
     def _ready(self) -> list[_Replica]:
         """The replicas, made on the first call, with the copies brought up to the original's weights and mode."""
-        device = _module_device(self.owner.module)
+        device = module_device(self.owner.module)
         if self._replicas is None or device != self._own_device:
             self._make(device)
         elif self._slots and self._current_stamp() != self._stamp:
@@ -429,7 +429,8 @@ class ReplicaSet:
 _NO_FORWARD = object()  # stands for the owner wrapper while its module is deep-copied
 
 
-def _module_device(module: nn.Module) -> torch.device:
+def module_device(module: nn.Module) -> torch.device:
+    """Where the module's weights are (its first parameter, else buffer; CPU for a module without tensors)."""
     for tensor in module.parameters():
         return tensor.device
     for tensor in module.buffers():

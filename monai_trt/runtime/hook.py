@@ -8,13 +8,12 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-import torch
 from torch import nn
 
 from monai_trt.backends import BACKENDS, get_backend, merge_build_args
 from monai_trt.errors import BackendUnavailable, PatchError
 from monai_trt.patch.spec import PatchEntry, parse_patch, parse_switch
-from monai_trt.runtime.devices import plan_devices
+from monai_trt.runtime.devices import module_device, plan_devices
 from monai_trt.runtime.planner import PlanningWrapper
 from monai_trt.runtime.wrapper import USAGE, EngineWrapper
 
@@ -158,14 +157,6 @@ def _find(network: nn.Module, path: str) -> nn.Module:
         raise PatchError(
             f"submodule '{path}' not found in {type(network).__name__}; nearest valid names: {near}"
         ) from None
-
-
-def module_device(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _resolve_precision(entry: PatchEntry, module: nn.Module) -> PatchEntry:
