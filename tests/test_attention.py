@@ -201,6 +201,46 @@ def test_swin_window_attention_fp16():
     assert (rewritten - reference).abs().max() <= (explicit - reference).abs().max() * 1.5 + 1e-3
 
 
+def test_a_static_mask_of_misaligned_rows_is_zero_padded():
+    """27 keys per window: the mask reaches SDPA as a view of a zero-padded copy (rows aligned to 8 elements), as
+    eager PyTorch pads it, not as strides Inductor would pad with uninitialised memory."""
+    from monai.networks.nets.swin_unetr import WindowAttention
+
+    torch.manual_seed(0)
+    class Windows(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = WindowAttention(dim=24, num_heads=3, window_size=(3, 3, 3), use_flash_attention=False)
+            nn.init.normal_(self.attn.relative_position_bias_table, std=0.5)
+
+        def forward(self, x):
+            return self.attn(x, None)
+
+    attn = Windows().eval()
+    args = (_rand(4, 27, 24),)
+    fused = _fuse(attn, args, expected=1, dynamic=False)
+    (sdpa,) = [n for n in fused.graph.nodes if n.target is SDPA]
+    mask = sdpa.args[3]
+    while mask.target is torch.ops.aten.unsqueeze.default:
+        mask = mask.args[0]
+    assert mask.target is torch.ops.aten.slice.Tensor
+    assert mask.args[0].target is torch.ops.aten.constant_pad_nd.default
+    assert mask.args[0].meta["val"].shape[-1] == 32
+    _close(fused, attn, args)
+
+
+def test_swin_window_attention_fp16_with_fp32_mask():
+    """SwinUNETR computes its shift mask in float32 in forward: half scores + float32 mask widen the chain."""
+    net, args = _window_attention(mask=True, dtype=torch.float16)
+    net.mask = net.mask.float()
+    program = _export(net, args)
+    fused = _fuse(net, args, expected=1)
+    with torch.no_grad():
+        reference = copy.deepcopy(net).float()(args[0].float())
+        explicit, rewritten = program.module()(*args).float(), fused.module()(*args).float()
+    assert (rewritten - reference).abs().max() <= (explicit - reference).abs().max() * 1.5 + 1e-3
+
+
 class Fp32Softmax(nn.Module):
     """Half-precision attention whose scores are cast up for the softmax and back down for `@ v`."""
 
@@ -252,6 +292,8 @@ def test_swinunetr_every_window_attention():
     # 32³: the stages at 16³ and 8³ shift their second block's windows (masked); at 4³ and 2³ a window is the image
     assert _count(fused, torch.ops.aten.new_zeros.default) == 2
     _close(fused, net, (_rand(1, 1, 32, 32, 32),), rtol=1e-4, atol=1e-4)
+    # in half precision too, where the shift masks stay float32 (computed in forward)
+    _fuse(net.half(), (_rand(2, 1, 32, 32, 32).half(),), expected=sites)
 
 
 # ------------------------------------------------------------------------------------------ left unchanged

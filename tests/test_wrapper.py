@@ -234,6 +234,32 @@ def test_an_engine_that_disagrees_with_pytorch_is_never_used(monkeypatch, x, trt
     assert "disagrees with PyTorch" in trt_logs.text()
 
 
+
+def test_an_engine_right_only_on_its_first_run_is_never_used(monkeypatch, x, trt_logs):
+    """Validation runs the engine twice: one that carries state between runs (seen on an H200: an Inductor engine
+    that answered right once, then NaN on every later run) is refused before it serves a call."""
+    from monai_trt.backends.onnxruntime import OnnxRuntimeBackend
+
+    real_load = OnnxRuntimeBackend.load
+
+    def stateful_load(self, entry_dir, meta, device, **options):
+        engine = real_load(self, entry_dir, meta, device, **options)
+        runs = []
+
+        def call(inputs):
+            runs.append(1)
+            outputs = engine(inputs)
+            return outputs if len(runs) == 1 else [torch.full_like(o, float("nan")) for o in outputs]
+
+        return call
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "load", stateful_load)
+    net = monai_trt.apply(TinySeg().eval(), [ORT])
+    for _ in range(2):
+        torch.testing.assert_close(run(net, x), reference(net, x))
+    assert "disagrees with PyTorch on its second run with the same inputs" in trt_logs.text()
+    assert monai_trt.wrappers(net)[""].calls == {"engine": 0, "pytorch": 2}
+
 def test_corrupt_entry_is_moved_aside_and_rebuilt(cache_dir, x, trt_logs):
     net = TinySeg().eval()
     run(monai_trt.apply(net, [ORT]), x)

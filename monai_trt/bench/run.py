@@ -266,13 +266,14 @@ def _run_mode(work: Workload, mode: Mode, out: Path, settings: dict[str, Any], r
         row["devices"] = mode.devices
     if mode.kind == "compile":
         row["compile_mode"] = mode.compile_mode
-        cache: contextlib.AbstractContextManager = compiled.fresh_inductor_cache(out / "cache" / mode.name)
-    else:
-        cache = contextlib.nullcontext()
+    # a fresh Inductor cache per compile mode and per engine mode (aoti builds through Inductor too): cold builds
+    cache: contextlib.AbstractContextManager = (
+        compiled.fresh_inductor_cache(out / "inductor" / mode.name) if mode.kind in ("compile", "engine")
+        else contextlib.nullcontext())
     patch = None
     net = work.network if mode.kind == "engine" else compiled.precision_network(work.network, mode.precision)
     try:
-        with cache:  # a fresh Inductor cache per compile mode: a cold compile is measured
+        with cache:
             if mode.kind == "engine":
                 patch = _build_engines(work, mode, out, clock, row)
             elif mode.kind == "compile":

@@ -29,22 +29,18 @@ score is `-inf` gives NaN explicitly, and may give zeros from SDPA (PyTorch's SD
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import ExportedProgram
-from torch.export.graph_signature import ExportGraphSignature, OutputSpec, TensorArgument
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
-from torch.fx.node import map_arg
+
+from monai_trt.export.graph_edit import ASSERTS, Builder, arguments, fake_mode, output_nodes, rewrite_program
 
 __all__ = ["fuse_attention", "fuse_attention_graph"]
 
@@ -74,9 +70,7 @@ _CAST = {
     aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.to.other, aten._to_copy.default, aten.type_as.default
 }
 _TRANSPOSE = {aten.transpose.int, aten.permute.default}
-_ASSERTS = {getattr(aten, name).default for name in ("_assert_tensor_metadata",) if hasattr(aten, name)}
 _SDPA = aten.scaled_dot_product_attention.default
-_META_KEYS = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node")
 
 
 class _NoMatch(Exception):
@@ -134,17 +128,7 @@ def fuse_attention(program: ExportedProgram) -> tuple[ExportedProgram, int]:
     """
     if not any(n.op == "call_function" and n.target in _SOFTMAX for n in program.graph.nodes):
         return program, 0
-    try:
-        gm = _copy_module(program.graph_module)
-        renamed: dict[str, str] = {}
-        count = fuse_attention_graph(gm, renamed)
-        if not count:
-            return program, 0
-        return _with_graph(program, gm, renamed), count
-    except Exception as error:  # an optional optimisation must not fail a build: keep the program as exported
-        debug = logger.isEnabledFor(logging.DEBUG)
-        logger.warning("attention rewrite skipped (%s: %s)", type(error).__name__, error, exc_info=debug)
-        return program, 0
+    return rewrite_program(program, fuse_attention_graph, "attention rewrite")
 
 
 def fuse_attention_graph(gm: GraphModule, renamed: dict[str, str] | None = None) -> int:
@@ -159,7 +143,7 @@ def fuse_attention_graph(gm: GraphModule, renamed: dict[str, str] | None = None)
         The number of attention sites rewritten.
     """
     graph = gm.graph
-    fake_mode = _fake_mode(graph)
+    fake = fake_mode(graph)
     count = 0
     for node in list(graph.nodes):
         if node._erased or node.op != "call_function" or node.target not in _SOFTMAX:
@@ -169,9 +153,9 @@ def fuse_attention_graph(gm: GraphModule, renamed: dict[str, str] | None = None)
         except _NoMatch as reason:
             logger.debug("softmax %s left unchanged: %s", node.name, reason)
             continue
-        is_output = site.out in _output_nodes(graph)
+        is_output = site.out in output_nodes(graph)
         old = site.out.name
-        new = _rewrite(graph, site, fake_mode)
+        new = _rewrite(graph, site, fake)
         if renamed is not None and is_output:
             renamed[old] = new.name
         count += 1
@@ -189,7 +173,7 @@ def _match(softmax: Node) -> _Site:
     """The attention site around `softmax`, or `_NoMatch`."""
     scores_in = softmax.args[0]
     rank = _val(scores_in).dim()
-    if rank < 2 or _arguments(softmax)["dim"] not in (-1, rank - 1):
+    if rank < 2 or arguments(softmax)["dim"] not in (-1, rank - 1):
         raise _NoMatch("softmax is not over the last dimension")
     post, out, value = _match_forward(softmax)
     errors: list[str] = []
@@ -232,7 +216,7 @@ def _passes_through(node: Node, source: Node) -> bool:
         return False
     target = node.target
     if target is aten.dropout.default:
-        args = _arguments(node)
+        args = arguments(node)
         return not args["train"] or args["p"] == 0
     if target in _COPY or target in _RESHAPE:
         return True
@@ -281,7 +265,7 @@ def _steps(node: Node) -> list[_Step]:
             raise _NoMatch("cast of the scores to a non-float or another device")
         return [_Step(node, "same", node.args[0])]
     if target in _ADD:
-        if _arguments(node).get("alpha", 1) != 1:
+        if arguments(node).get("alpha", 1) != 1:
             raise _NoMatch("add with alpha")
         pairs = [(node.args[0], node.args[1]), (node.args[1], node.args[0])]
         steps = [_Step(node, "add", s, o) for s, o in pairs if _keeps_shape(node, s) and isinstance(o, Node)]
@@ -332,7 +316,9 @@ def _check(site: _Site) -> None:
         reshaped = reshaped or step.kind == "reshape"
         if isinstance(step.other, Node):
             other = _val(step.other)
-            if other.dim() > 0 and other.dtype != dtype:
+            # a wider bias or mask (e.g. SwinUNETR's float32 shift mask on half scores) widens the chain, as a cast
+            # would; SDPA gets it in the attention dtype and adds it in its float32 accumulators
+            if other.dim() > 0 and other.dtype != dtype and not (step.kind == "add" and other.dtype in wide):
                 raise _NoMatch(f"{step.kind} with a tensor of dtype {other.dtype}")
             if step.kind == "scale" and (reshaped or not _per_head(other, _val(step.node))):
                 raise _NoMatch("a tensor factor that is not constant over the last two dimensions of the scores")
@@ -446,9 +432,9 @@ def _collect_scale(site: _Site) -> None:
 # --------------------------------------------------------------------------------------------------------- rewriting
 
 
-def _rewrite(graph: Graph, site: _Site, fake_mode: Any) -> Node:
+def _rewrite(graph: Graph, site: _Site, fake: Any) -> Node:
     """Replace `site` with one SDPA node (and its mask and reshapes); returns the node that now gives the output."""
-    new = _Builder(graph, fake_mode, site.out)
+    new = Builder(graph, fake, site.out)
     with graph.inserting_before(site.out):
         query, key, value = (
             new(aten.transpose.int, op.node, -2, -1) if op.transpose else op.node
@@ -456,7 +442,7 @@ def _rewrite(graph: Graph, site: _Site, fake_mode: Any) -> Node:
         )
         for op, factor in site.factors:
             query = new(op, query, factor)
-        mask = _mask(new, site, query, value)
+        mask = _aligned(new, _mask(new, site, query, value))
         flat = _val(query).dim() == 3
         if flat:  # SDPA kernels want (N, H, L, E)
             query, key, value = (new(aten.unsqueeze.default, t, 1) for t in (query, key, value))
@@ -467,7 +453,7 @@ def _rewrite(graph: Graph, site: _Site, fake_mode: Any) -> Node:
             result = new(aten.squeeze.dim, result, 1)
     site.out.replace_all_uses_with(result)
     for node in [site.out, *reversed(site.post), site.softmax, *(s.node for s in reversed(site.chain)), site.scores]:
-        for user in [u for u in node.users if u.target in _ASSERTS]:
+        for user in [u for u in node.users if u.target in ASSERTS]:
             graph.erase_node(user)
         graph.erase_node(node)
     for node in site.peeled:
@@ -476,7 +462,7 @@ def _rewrite(graph: Graph, site: _Site, fake_mode: Any) -> Node:
     return result
 
 
-def _mask(new: _Builder, site: _Site, query: Node, value: Node) -> Node | None:
+def _mask(new: Builder, site: _Site, query: Node, value: Node) -> Node | None:
     """`chain(0)` in a shape that broadcasts to the scores', or None when the chain adds nothing."""
     if not any(step.kind == "add" for step in site.chain):
         return None
@@ -504,13 +490,33 @@ def _mask(new: _Builder, site: _Site, query: Node, value: Node) -> Node | None:
     return _as_dtype(new, mask, site.dtype)
 
 
-def _as_dtype(new: _Builder, mask: Node | None, dtype: torch.dtype) -> Node | None:
+def _aligned(new: Builder, mask: Node | None) -> Node | None:
+    """The mask as a view of a zero-padded copy whose rows start at multiples of :data:`_MASK_ALIGNMENT` elements.
+
+    CUDA SDPA kernels need aligned mask rows. Eager PyTorch pads a misaligned mask with zeros; Inductor instead
+    allocates padded strides and leaves the padding uninitialised, and a SwinUNETR engine built that way (static
+    shapes, 343-key windows) answered right on its first run and NaN on every later one (H200, torch 2.11).
+    """
+    if mask is None:
+        return None
+    shape = _val(mask).shape
+    size = shape[-1]
+    if not all(isinstance(d, int) for d in shape) or size % _MASK_ALIGNMENT == 0:
+        return mask  # symbolic sizes: padding would add guards (and the dynamic-shape engines were seen right)
+    padded = new(aten.constant_pad_nd.default, mask, [0, -size % _MASK_ALIGNMENT], 0.0)
+    return new(aten.slice.Tensor, padded, -1, 0, size)
+
+
+_MASK_ALIGNMENT = 8  # elements; what PyTorch's own preprocess_mask pads to
+
+
+def _as_dtype(new: Builder, mask: Node | None, dtype: torch.dtype) -> Node | None:
     if mask is not None and _val(mask).dtype != dtype:
         mask = new(aten.to.dtype, mask, dtype)
     return mask
 
 
-def _shape_args(new: _Builder, scores: torch.Tensor, query: Node, value: Node) -> list[Any]:
+def _shape_args(new: Builder, scores: torch.Tensor, query: Node, value: Node) -> list[Any]:
     """The scores' shape as size arguments: ints, or `sym_size` nodes of q (batch, L) and v (S)."""
     rank = scores.dim()
     shape: list[Any] = []
@@ -524,51 +530,15 @@ def _shape_args(new: _Builder, scores: torch.Tensor, query: Node, value: Node) -
     return shape
 
 
-class _Builder:
-    """Creates call_function nodes with `meta["val"]` computed under the graph's fake mode."""
-
-    def __init__(self, graph: Graph, fake_mode: Any, anchor: Node) -> None:
-        self.graph = graph
-        self.fake_mode = fake_mode
-        self.meta = {k: anchor.meta[k] for k in _META_KEYS if k in anchor.meta}
-
-    def __call__(self, target: Callable[..., Any], *args: Any, **kwargs: Any) -> Node:
-        return self._annotate(self.graph.call_function(target, args, kwargs))
-
-    def copy(self, node: Node, remap: Callable[[Node], Node]) -> Node:
-        return self._annotate(self.graph.node_copy(node, remap))
-
-    def _annotate(self, node: Node) -> Node:
-        node.meta.update(self.meta)
-        args = map_arg(node.args, lambda n: n.meta["val"])
-        kwargs = map_arg(node.kwargs, lambda n: n.meta["val"])
-        with self.fake_mode:
-            node.meta["val"] = node.target(*args, **kwargs)
-        return node
-
-
 # ----------------------------------------------------------------------------------------------------------- helpers
 
 
 def _only_user(node: Node) -> Node:
     """The single user of `node` other than metadata assertions, or `_NoMatch`."""
-    users = [u for u in node.users if u.target not in _ASSERTS]
+    users = [u for u in node.users if u.target not in ASSERTS]
     if len(users) != 1:
         raise _NoMatch(f"{node.name} has {len(users)} users")
     return users[0]
-
-
-def _arguments(node: Node) -> dict[str, Any]:
-    """The op's arguments by schema name, defaults filled in."""
-    values: dict[str, Any] = {}
-    for i, arg in enumerate(node.target._schema.arguments):
-        if i < len(node.args) and not arg.kwarg_only:
-            values[arg.name] = node.args[i]
-        elif arg.name in node.kwargs:
-            values[arg.name] = node.kwargs[arg.name]
-        elif arg.has_default_value():
-            values[arg.name] = arg.default_value
-    return values
 
 
 def _is_float_cast(node: Node) -> bool:
@@ -605,49 +575,3 @@ def _val(node: Any) -> torch.Tensor:
     if not isinstance(node, Node) or not isinstance(node.meta.get("val"), torch.Tensor):
         raise _NoMatch(f"{node} is not a tensor with metadata")
     return node.meta["val"]
-
-
-def _fake_mode(graph: Graph) -> Any:
-    mode = detect_fake_mode([n.meta["val"] for n in graph.nodes if n.op == "placeholder" and "val" in n.meta])
-    if mode is None:
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-    return mode
-
-
-def _output_nodes(graph: Graph) -> set[Node]:
-    output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    nodes: set[Node] = set()
-    map_arg(output.args, lambda n: nodes.add(n) or n)
-    return nodes
-
-
-def _copy_module(gm: GraphModule) -> GraphModule:
-    """A copy of `gm` whose graph can be edited without changing `gm` (attributes and node metadata are shared)."""
-    with warnings.catch_warnings():  # torch's own deepcopy of the pytree codegen warns about a deprecated spec API
-        warnings.simplefilter("ignore", FutureWarning)
-        graph = copy.deepcopy(gm.graph)
-    new = GraphModule(gm, graph, gm.__class__.__name__)
-    new.meta.update(gm.meta)
-    return new
-
-
-def _with_graph(program: ExportedProgram, gm: GraphModule, renamed: dict[str, str]) -> ExportedProgram:
-    """`program` with graph module `gm`, its output specs following `renamed`."""
-    signature = program.graph_signature
-    outputs = []
-    for spec in signature.output_specs:
-        arg = spec.arg
-        if isinstance(arg, TensorArgument) and arg.name in renamed:
-            arg = TensorArgument(name=renamed[arg.name])
-        outputs.append(OutputSpec(kind=spec.kind, arg=arg, target=spec.target))
-    return ExportedProgram(
-        root=gm,
-        graph=gm.graph,
-        graph_signature=ExportGraphSignature(input_specs=list(signature.input_specs), output_specs=outputs),
-        state_dict=program.state_dict,
-        range_constraints=program.range_constraints,
-        module_call_graph=program.module_call_graph,
-        example_inputs=program.example_inputs,
-        constants=program.constants,
-        verifiers=program.verifiers,
-    )

@@ -13,6 +13,7 @@ import torch
 from monai_trt.errors import ExportError
 from monai_trt.export.attention import fuse_attention
 from monai_trt.export.job import BuildJob
+from monai_trt.export.norms import unview_instance_norms
 from monai_trt.export.quiet import summarize_error
 from monai_trt.export.trace import export_onnx_traced
 
@@ -20,9 +21,11 @@ __all__ = ["export_program", "export_onnx", "trace_examples", "dynamic_shapes", 
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_EXPORT_ARGS: Mapping[str, Any] = {"opset_version": 18, "strict": False, "fuse_attention": True}
+DEFAULT_EXPORT_ARGS: Mapping[str, Any] = {
+    "opset_version": 18, "strict": False, "fuse_attention": True, "unview_instance_norms": True
+}
 # export_args consumed here rather than passed to torch.onnx.export
-_OWN_ARGS = ("strict", "fuse_attention")
+_OWN_ARGS = ("strict", "fuse_attention", "unview_instance_norms")
 
 
 def trace_examples(job: BuildJob) -> tuple[torch.Tensor, ...]:
@@ -59,10 +62,13 @@ def tf32_enabled(enabled: bool) -> Iterator[None]:
 
 
 def export_program(job: BuildJob) -> torch.export.ExportedProgram:
-    """torch.export the job's adapter with its dynamic dimensions; explicit attention becomes fused SDPA.
+    """torch.export the job's adapter with its dynamic dimensions, then the export-time rewrites (each on by
+    default, results identical up to rounding, validated like any engine):
 
-    With export_args `fuse_attention` (default true), `softmax(q·kᵀ·scale + bias) · v` chains are rewritten into
-    `scaled_dot_product_attention` (:mod:`.attention`; results identical up to rounding, validated like any engine).
+    - export_args `fuse_attention`: `softmax(q·kᵀ·scale + bias) · v` chains become `scaled_dot_product_attention`
+      (:mod:`.attention`);
+    - `unview_instance_norms`: instance norms become reductions without a view, so Inductor may give the
+      convolutions around them a channels-last layout (:mod:`.norms`).
     """
     strict = bool(job.export_args.get("strict", False))
     try:
@@ -74,6 +80,8 @@ def export_program(job: BuildJob) -> torch.export.ExportedProgram:
         raise ExportError(f"torch.export failed: {type(err).__name__}: {summarize_error(err)}") from err
     if job.export_args.get("fuse_attention", True):
         program, _ = fuse_attention(program)
+    if job.export_args.get("unview_instance_norms", True):
+        program, _ = unview_instance_norms(program)
     return program
 
 

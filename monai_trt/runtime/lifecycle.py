@@ -137,9 +137,15 @@ class EngineSet:
         return sum(len(v) for v in self.by_layout.values())
 
     # ------------------------------------------------------------------ serving
-    def engine_for(self, call: CapturedCall, reference: Reference, autocast: bool) -> LoadedEngine | None:
-        """A loaded, validated engine for `call` for the module as it is now, or None (run PyTorch)."""
-        current = self._state.current() if self._state is not None else None  # the per-call check (README)
+    def engine_for(
+        self, call: CapturedCall, reference: Reference, autocast: bool,
+        deferred: list[Any] | None = None,
+    ) -> LoadedEngine | None:
+        """A loaded, validated engine for `call` for the module as it is now, or None (run PyTorch).
+
+        `deferred`: see :meth:`ModuleState.current`; the caller then runs the engine and calls :meth:`confirm`
+        before it uses the outputs."""
+        current = self._state.current(deferred) if self._state is not None else None  # the per-call check (README)
         for loaded in self.by_layout.get(call.layout, ()):
             if loaded.accepts(call.shapes) and loaded.fingerprint == current:
                 if not loaded.serve:
@@ -163,6 +169,10 @@ class EngineSet:
             if loaded is not None:
                 self.by_layout.setdefault(call.layout, []).append(loaded)
             return loaded if loaded is not None and loaded.serve else None
+
+    def confirm(self, deferred: list[Any]) -> bool:
+        """False when the module changed under a call that :meth:`engine_for` served with `deferred`."""
+        return self._state is None or self._state.confirm(deferred)
 
     def input_float_dtype(self, device: torch.device) -> torch.dtype:
         """The floating dtype the engine for `device` takes (inputs are cast to it)."""
@@ -453,11 +463,14 @@ class EngineSet:
         leaves, _ = reference()
         loaded.out_dtypes[autocast] = [t.dtype for t in leaves]
         if self.spec.validate:
-            with no_autocast(call.layout.device, autocast):
-                outputs = loaded.run(call.tensors)
-            error = compare_outputs(outputs, leaves, self.spec.precision, self.spec.tolerance)
-            if error:
-                raise EngineBuildError(f"engine {loaded.cached.path} disagrees with PyTorch: {error}")
+            # twice: an engine that carries state from one run into the next (seen: an Inductor engine that answered
+            # right once, then NaN) must not pass on its first answer
+            for run in ("", " on its second run with the same inputs"):
+                with no_autocast(call.layout.device, autocast):
+                    outputs = loaded.run(call.tensors)
+                error = compare_outputs(outputs, leaves, self.spec.precision, self.spec.tolerance)
+                if error:
+                    raise EngineBuildError(f"engine {loaded.cached.path} disagrees with PyTorch{run}: {error}")
         loaded.checked_autocast.add(autocast)
 
 

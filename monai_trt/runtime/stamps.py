@@ -105,8 +105,11 @@ class ContentCheck:
         self._exact = {device: _Bytes(group) for device, group in exact.items()}
         self._cpu_copy = _joined(self._cpu_exact)
 
-    def launch(self) -> list[torch.Tensor]:
-        """Start computing the check (asynchronously on CUDA): one int64 tensor per device."""
+    def launch(self) -> list[Pending]:
+        """Start computing the check (asynchronously on CUDA): one int64 result per device, for :meth:`read`.
+
+        On CUDA the result is copied to pinned host memory behind an event, so that reading it waits for the check's
+        own kernels only, not for work the caller enqueues after it (an engine call)."""
         parts: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         for group in self._large:
             norms = torch._foreach_norm(group, 2, dtype=torch.float32 if group[0].element_size() < 4 else None)
@@ -118,15 +121,32 @@ class ContentCheck:
             stats = [float(v) for a in self._cpu_large for v in (a.sum(), a.max())]
             stats.append(float(_joined(self._cpu_exact) != self._cpu_copy))
             parts[torch.device("cpu")].append(torch.tensor(stats, dtype=torch.float64).view(torch.int64))
-        return [torch.cat(found) if len(found) > 1 else found[0] for found in parts.values()]
+        return [_to_host(torch.cat(found) if len(found) > 1 else found[0]) for found in parts.values()]
 
     def values(self) -> tuple[torch.Tensor, ...]:
         """The check's result on the host (compared bit for bit with an earlier one)."""
         return self.read(self.launch())
 
     @staticmethod
-    def read(pending: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        return tuple(part.cpu() for part in pending)
+    def read(pending: list[Pending]) -> tuple[torch.Tensor, ...]:
+        """The results of :meth:`launch`, waiting for each device's copy to arrive."""
+        for _, event in pending:
+            if event is not None:
+                event.synchronize()
+        return tuple(host for host, _ in pending)
+
+
+Pending = tuple[torch.Tensor, "torch.cuda.Event | None"]  # a check result on (or on its way to) the host
+
+
+def _to_host(part: torch.Tensor) -> Pending:
+    if part.device.type != "cuda":
+        return part, None
+    host = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
+    host.copy_(part, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(part.device))
+    return host, event
 
 
 def _joined(arrays: list[np.ndarray]) -> bytes:
@@ -212,8 +232,11 @@ class Stamp:
     def _tensor_versions(self) -> tuple[Any, ...]:
         return (tuple(t.data_ptr() for t in self._tensors), tuple(t._version for t in self._versioned))
 
-    def changed(self) -> str | None:
-        """Why the module no longer matches this stamp (None: it does). Costs are in the README."""
+    def changed(self, deferred: list[tuple[Stamp, list[Pending]]] | None = None) -> str | None:
+        """Why the module no longer matches this stamp (None: it does). Costs are in the README.
+
+        With `deferred`, the content checksum is not awaited: `(self, pending)` is appended for
+        :meth:`content_changed`, which the caller must consult before it uses what it computed meanwhile."""
         pending = self._content.launch()  # on CUDA its kernels run while the host checks the tree
         ids = _ids(_tree(self._modules))
         if ids != self._tree_ids:
@@ -227,6 +250,13 @@ class Stamp:
             return "attribute contents"
         if self._tensor_versions() != self._versions:
             return "tensors updated in place"
+        if deferred is not None:
+            deferred.append((self, pending))
+            return None
+        return self.content_changed(pending)
+
+    def content_changed(self, pending: list[Pending]) -> str | None:
+        """Why the checksum launched by :meth:`changed` differs from this stamp's (None: it does not)."""
         checksum = self._content.read(pending)
         if not all(torch.equal(new, old) for new, old in zip(checksum, self._checksum)):
             return "tensor contents (a write that bypassed the version counter)"
@@ -248,21 +278,27 @@ class ModuleState:
         self._stamp: Stamp | None = None
         self._digests = ("", "")
         self._full = True
+        self._why: str | None = None  # why the next call recomputes (a change `confirm` found)
         self.versions: dict[str, str] = {}
 
     def refresh(self) -> None:
         """Re-fingerprint and re-hash everything on the next :meth:`current`, whatever the stamp says."""
         self._full = True
 
-    def current(self) -> tuple[str, str]:
-        """(architecture, weights) digests of the module now; recomputed only when the per-call stamp changed."""
+    def current(self, deferred: list[tuple[Stamp, list[Pending]]] | None = None) -> tuple[str, str]:
+        """(architecture, weights) digests of the module now; recomputed only when the per-call stamp changed.
+
+        With `deferred` (a list, filled here), the digests returned are provisional until :meth:`confirm`
+        says the content checksum agreed: the caller may enqueue GPU work meanwhile, but must not use its result
+        before confirming. This keeps the per-call check from draining the CUDA queue before every engine call."""
         stamp = self._stamp
         if stamp is not None and not self._full:
-            why = stamp.changed()
+            why = stamp.changed(deferred)
             if why is None:
                 return self._digests
         else:
-            why = "refresh" if stamp is not None else None
+            why = (self._why or "refresh") if stamp is not None else None
+            self._why = None
         with self._lock:
             if self._stamp is not stamp:  # another thread has just recomputed
                 return self._digests
@@ -276,3 +312,16 @@ class ModuleState:
                 logger.info("%s changed (%s): fingerprints recomputed in %.2f s",
                             type(self.module).__name__, why, time.perf_counter() - start)
             return self._digests
+
+    def confirm(self, deferred: list[tuple[Stamp, list[Pending]]]) -> bool:
+        """Whether the digests :meth:`current` returned with `deferred` were right. False: the module's tensor
+        contents had changed; whatever was computed with those digests must be discarded, and the next
+        :meth:`current` recomputes them."""
+        for stamp, pending in deferred:
+            why = stamp.content_changed(pending)
+            if why is not None:
+                with self._lock:
+                    if self._stamp is stamp:
+                        self._full, self._why = True, why
+                return False
+        return True

@@ -141,12 +141,15 @@ class EngineWrapper:
         autocast = torch.is_autocast_enabled(torch.device(call.layout.device).type)
         try:
             reference = _Reference(self.original, args, kwargs)
-            loaded = self.engine_set.engine_for(call, reference, autocast)
+            deferred: list[Any] = []  # the per-call content check, read once the engine's work is enqueued
+            loaded = self.engine_set.engine_for(call, reference, autocast, deferred)
             output_types = self._output_types_for(call, reference, loaded) if loaded is not None else None
             if loaded is None or output_types is None:
                 return self._pytorch(args, kwargs)
             with no_autocast(call.layout.device, autocast):
                 outputs = loaded.run(call.tensors)
+            if not self.engine_set.confirm(deferred):  # the weights changed unseen by version counters: answer anew
+                return self(*args, **kwargs)
             result = loaded.restore(outputs, autocast, lambda leaves: output_types.apply(leaves, call.inputs))
             self._served("engine")
             return result
