@@ -168,6 +168,27 @@ def _distributions() -> dict[str, list[str]]:
 
 
 @functools.lru_cache(maxsize=None)
+def _distributions_of(package: str) -> tuple[str, ...]:
+    """The distributions providing top-level `package`: the one of the same name when it lists `package` among its
+    top-level names (a single lookup), else from the full index of installed distributions (a scan of every one)."""
+    try:
+        same = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        same = None
+    if same is not None and package in _top_level(same):
+        return (same.metadata["Name"],)
+    return tuple(_distributions().get(package, ()))
+
+
+def _top_level(distribution: importlib.metadata.Distribution) -> set[str]:
+    """Top-level import names a distribution installs (its top_level.txt, else the first parts of its files)."""
+    listed = distribution.read_text("top_level.txt")
+    if listed:
+        return set(listed.split())
+    return {str(f).split("/", 1)[0].removesuffix(".py") for f in distribution.files or ()}
+
+
+@functools.lru_cache(maxsize=None)
 def _version(distribution: str) -> str:
     try:
         return importlib.metadata.version(distribution)
@@ -188,7 +209,7 @@ class _Walk:
     def versions(self) -> dict[str, str]:
         found = {}
         for package in sorted(self.packages - {"builtins", "__main__"}):
-            for distribution in _distributions().get(package, ()):
+            for distribution in _distributions_of(package):
                 found[distribution] = _version(distribution)
         return found
 
