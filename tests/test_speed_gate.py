@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 import monai_trt
@@ -112,3 +114,34 @@ def test_refit_engines_are_validated_after_every_refit():
     FORWARDS.clear()
     _run(again, x)
     assert len(FORWARDS) == 1 and monai_trt.wrappers(again)[""].calls == {"engine": 1, "pytorch": 0}
+
+
+def test_the_gate_times_what_a_served_call_costs(monkeypatch):
+    """The per-call check is part of every served call: a check slower than PyTorch's whole forward makes the
+    engine not worth serving, however fast the engine alone is."""
+    from monai_trt.runtime.stamps import ModuleState
+
+    real = ModuleState.current
+    slow = {"on": False}
+
+    def current(self, *args, **kwargs):
+        if slow["on"]:
+            time.sleep(0.05)  # far more than TinySeg's forward on 12³
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModuleState, "current", current)
+    x = torch.randn(2, 1, 12, 12, 12)
+    net = monai_trt.apply(TinySeg().eval(), [{**ORT, "min_speedup": 1.0}])
+    original = lifecycle.EngineSet._time
+
+    def timed(self, *args, **kwargs):
+        slow["on"] = True
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            slow["on"] = False
+
+    monkeypatch.setattr(lifecycle.EngineSet, "_time", timed)
+    _run(net, x)
+    speed = next(e for v in monai_trt.wrappers(net)[""].engines.values() for e in v).verdicts.speed
+    assert speed["engine_s"] >= 0.05 and not speed["serve"]
