@@ -40,7 +40,7 @@ from torch.export import ExportedProgram
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from monai_trt.export.graph_edit import ASSERTS, Builder, arguments, fake_mode, output_nodes, rewrite_program
+from monai_trt.export.graph_edit import ASSERTS, Builder, arguments, fake_mode, finish, output_nodes, rewrite_program
 
 __all__ = ["fuse_attention", "fuse_attention_graph"]
 
@@ -159,11 +159,7 @@ def fuse_attention_graph(gm: GraphModule, renamed: dict[str, str] | None = None)
         if renamed is not None and is_output:
             renamed[old] = new.name
         count += 1
-    if count:
-        graph.lint()
-        gm.recompile()
-        logger.info("rewrote %d explicit attention(s) into scaled_dot_product_attention", count)
-    return count
+    return finish(gm, count, "explicit attention(s) into scaled_dot_product_attention")
 
 
 # --------------------------------------------------------------------------------------------------------- matching

@@ -23,7 +23,7 @@ from torch.export.graph_signature import ExportGraphSignature, OutputSpec, Tenso
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
-__all__ = ["ASSERTS", "Builder", "arguments", "fake_mode", "output_nodes", "rewrite_program"]
+__all__ = ["ASSERTS", "Builder", "arguments", "fake_mode", "finish", "output_nodes", "rewrite_program"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,15 @@ def rewrite_program(program: ExportedProgram, edit: Edit, what: str) -> tuple[Ex
         debug = logger.isEnabledFor(logging.DEBUG)
         logger.warning("%s skipped (%s: %s)", what, type(error).__name__, error, exc_info=debug)
         return program, 0
+
+
+def finish(gm: GraphModule, count: int, what: str) -> int:
+    """After an edit that rewrote `count` places: check and recompile the graph, say what changed; returns `count`."""
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+        logger.info("rewrote %d %s", count, what)
+    return count
 
 
 class Builder:

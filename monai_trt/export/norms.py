@@ -21,7 +21,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import GraphModule, Node
 
-from monai_trt.export.graph_edit import Builder, arguments, fake_mode, output_nodes, rewrite_program
+from monai_trt.export.graph_edit import Builder, arguments, fake_mode, finish, output_nodes, rewrite_program
 
 __all__ = ["unview_instance_norms", "unview_instance_norms_graph"]
 
@@ -61,11 +61,7 @@ def unview_instance_norms_graph(gm: GraphModule, renamed: dict[str, str] | None 
         if renamed is not None and is_output:
             renamed[node.name] = new.name
         count += 1
-    if count:
-        graph.lint()
-        gm.recompile()
-        logger.info("rewrote %d instance norm(s) without a view", count)
-    return count
+    return finish(gm, count, "instance norm(s) without a view")
 
 
 def _explicit(new: Builder, args: dict) -> Node:
