@@ -1,4 +1,5 @@
-"""bundles/diffusion_generation through the real CLI: two networks, each patched by its own trt_patch entry."""
+"""bundles/diffusion_generation through the real CLI: two networks, each patched by its own trt_patch entry (the
+hand-written configs/inference_trt.json, and configs/inference_trt_auto.json where `submodule: auto` searches)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
-from tests.bundle_cli import ROOT, cache_entries, run_bundle
+from tests.bundle_cli import ROOT, cache_entries, read_wrappers, report_wrappers_config, run_bundle
 
 BUNDLE = ROOT / "bundles" / "diffusion_generation"
 pytestmark = pytest.mark.slow
@@ -41,6 +42,63 @@ def runs(tmp_path_factory):
         "on": run_bundle(BUNDLE, tmp, *common, "--output_dir", str(tmp / "on"), "--trt", "True"),
         "off": run_bundle(BUNDLE, tmp, *common, "--output_dir", str(tmp / "off"), "--trt", "False"),
     }
+
+
+@pytest.fixture(scope="module")
+def auto_run(runs):
+    """The same small run with configs/inference_trt_auto.json (fresh cache; speed gate off as in every bundle test),
+    reporting each wrapper's planned state and engine/PyTorch call counts at the end of `run`."""
+    tmp, _ = runs
+    cwd = tmp / "auto"
+    cwd.mkdir()
+    report = report_wrappers_config(cwd, "network", "autoencoder")
+    log = run_bundle(BUNDLE, cwd, "--model_dir", str(tmp / "models"), *SMALL, "--output_dir", str(cwd / "on"),
+                     "--trt", "True", trt_config="inference_trt_auto.json", extra_configs=(report,))
+    return cwd, log
+
+
+def _covers(engine: str, path: str) -> bool:
+    """An engine for module `engine` runs module `path` (the same module, or one of its ancestors)."""
+    return engine == "" or engine == path or path.startswith(engine + ".")
+
+
+def test_auto_patch_is_the_hand_patch_with_auto_entries():
+    """A drop-in alternative: same keys and apply calls as inference_trt.json; each section searches."""
+    configs = BUNDLE / "configs"
+    hand = json.loads((configs / "inference_trt.json").read_text())
+    auto = json.loads((configs / "inference_trt_auto.json").read_text())
+    assert set(auto) == set(hand) and auto["+initialize"] == hand["+initialize"]
+    for key in ("trt_patch", "trt_patch_autoencoder"):
+        assert all(entry["submodule"] == "auto" for entry in auto[key])
+
+
+def test_auto_converts_at_least_what_the_hand_patch_converts(auto_run):
+    """Issue #19: `auto` on both networks covers the hand patch (the whole UNet; the autoencoder's decoder, searched
+    under `decoder` because sampling calls `decode_stage_2_outputs`, not the autoencoder's forward) and its engines
+    serve every call."""
+    cwd, log = auto_run
+    served = read_wrappers(log)
+    hand = json.loads((BUNDLE / "configs" / "inference_trt.json").read_text())
+    for network, section in (("network", "trt_patch"), ("autoencoder", "trt_patch_autoencoder")):
+        engines = {("" if p == "<root>" else p): c for p, c in served[network].items() if c["state"] == "engine"}
+        assert engines, served
+        assert all(c["engine"] > 0 and c["pytorch"] == 0 for c in engines.values()), served
+        for entry in hand[section]:
+            assert any(_covers(e, entry["submodule"]) for e in engines), (network, entry, served)
+    assert served["network"]["<root>"]["engine"] == 3  # one call per DDIM step
+    assert len(list((cwd / "cache" / "plans").glob("*.json"))) == 2  # one remembered plan per search root
+    assert "engine disabled" not in log and "runs in PyTorch" not in log
+
+
+def test_auto_images_equal_the_pytorch_run(runs, auto_run):
+    tmp, _ = runs
+    cwd, _ = auto_run
+    on, off = images(cwd / "on"), images(tmp / "off")
+    assert len(on) == len(off) == 2
+    for a, b in zip(on, off):
+        value_range = float(b.max() - b.min())
+        assert value_range > 0.1
+        assert np.abs(a - b).max() <= 1e-3 * value_range
 
 
 def test_unet_and_decoder_each_get_an_engine(runs):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -224,3 +225,37 @@ def test_plan_command_searches_then_reads_the_plan(tmp_path):
     assert second.returncode == 0, second.stderr
     (found,) = json.loads(second.stdout)["plans"]
     assert found["remembered"] and found["nodes"][""]["state"] == "engine"
+
+
+@pytest.mark.slow
+def test_dints_like_bundle_with_input_dependent_top_converts_children(tmp_path):
+    """Issue #19: a DiNTS bundle whose network also decides on the input's values at the top (tests/zoo_like.py,
+    `dints_gated`), patched with `submodule: auto` and run through the real `monai.bundle run` CLI: the root stays
+    in PyTorch (torch.export and the traced route both refuse it), its children become engines that serve every call,
+    and the masks agree with a `--trt False` run."""
+    from tests.bundle_cli import read_wrappers, report_wrappers_config
+    from tests.zoo_like import agreement, make_bundle, read_outputs, run_cli
+
+    bundle = make_bundle("dints_gated", tmp_path / "bundle")
+    patch = tmp_path / "inference_trt_auto.json"
+    patch.write_text(json.dumps({
+        "+imports": ["$import monai_trt"], "trt": True,
+        "trt_patch": [{"submodule": "auto", "precision": "fp32", "min_speedup": 0}],  # method auto: onnxruntime
+        "+initialize": ["$monai_trt.apply(@network, @trt_patch, enabled=@trt, name='network')"],
+    }))
+    configs = [bundle.inference, patch, report_wrappers_config(tmp_path, "network")]
+    log = run_cli(bundle, configs, tmp_path / "on", tmp_path / "cache")
+    off_log = run_cli(bundle, configs, tmp_path / "off", tmp_path / "cache", "--trt", "False")
+
+    served = read_wrappers(log)["network"]
+    root = served.pop("<root>")
+    assert root["state"] == "split" and root["engine"] == 0 and root["pytorch"] > 0, root
+    assert "depends on its inputs" in log and "a traced graph would answer for one path only" in log
+    engines = {p: c for p, c in served.items() if c["state"] == "engine"}
+    assert "dints_space" in engines  # the cells (most parameters): exported by tracing, their decisions read no input
+    assert all(c["engine"] == root["pytorch"] and c["pytorch"] == 0 for c in engines.values()), served
+    assert read_wrappers(off_log) == {"network": {}} and "engine ready" not in off_log
+
+    on, off = read_outputs(bundle, tmp_path / "on"), read_outputs(bundle, tmp_path / "off")
+    assert 0.2 < float(np.mean(off[0] > 0)) < 0.8  # a mask that depends on the weights, not all one class
+    assert agreement(on, off) >= 0.99

@@ -13,6 +13,10 @@ in one of the two zoo styles:
 - `diffusion`: latent diffusion UNet + autoencoder that are never put in eval mode; `trt_compile` on two ids;
   weights from `load_state_dict` expressions pulled in by `_requires_`.
 
+Not in FAMILIES (not a zoo style, used by the `submodule: auto` bundle test): `dints_gated`, the `dints` bundle
+whose network (:class:`InputGatedDiNTS`) also decides on the input's values at the top, so neither torch.export nor
+the traced route can take the whole network, while its children export.
+
 Weights are random with a fixed seed, saved as `models/*.pt`. For the segmentation families the last layer's bias
 is shifted so that the saved weights segment about half of the test image: masks of other weights then disagree
 with it on many voxels, which is what lets a test tell "the checkpoint was loaded" from "random weights".
@@ -32,6 +36,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import yaml
+from monai.networks.nets import DiNTS
 from torch import nn
 
 ROOT = Path(__file__).parents[1]
@@ -229,6 +234,29 @@ def _dints() -> tuple[dict, dict, str]:
     return inference, trt, readme
 
 
+class InputGatedDiNTS(DiNTS):
+    """DiNTS whose top-level forward also decides on the input's values: a constant (empty) window is answered with
+    background everywhere without running the cells. That decision makes the whole network unexportable (torch.export
+    refuses it, tracing would bake one path in); every child still exports."""
+
+    def __init__(self, *args: Any, num_classes: int, **kwargs: Any) -> None:
+        super().__init__(*args, num_classes=num_classes, **kwargs)
+        self.classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.amax() == x.amin()):  # a decision on the input's values
+            background = torch.zeros((x.shape[0], self.classes, *x.shape[2:]), dtype=x.dtype, device=x.device)
+            background[:, 0] = 1.0
+            return background
+        return super().forward(x)
+
+
+def _dints_gated() -> tuple[dict, dict, str]:
+    inference, trt, readme = _dints()
+    inference["network_def"]["_target_"] = "tests.zoo_like.InputGatedDiNTS"
+    return inference, trt, readme
+
+
 def _diffusion() -> tuple[dict, dict, str]:
     inference = {
         "imports": ["$import os"],
@@ -281,7 +309,7 @@ def _diffusion() -> tuple[dict, dict, str]:
 
 
 _BUILDERS = {"segresnet_sw": _segresnet_sw, "unet_ts": _unet_ts, "simple2d": _simple2d, "dints": _dints,
-             "diffusion": _diffusion}
+             "diffusion": _diffusion, "dints_gated": _dints_gated}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,9 +318,10 @@ _BUILDERS = {"segresnet_sw": _segresnet_sw, "unet_ts": _unet_ts, "simple2d": _si
 
 
 def make_bundle(family: str, root: Path, seed: int = 0) -> ZooLike:
-    """Write the zoo-like bundle `family` under `root` (configs, README, test data, fixed-seed weights)."""
+    """Write the zoo-like bundle `family` (FAMILIES or `dints_gated`) under `root` (configs, README, test data,
+    fixed-seed weights)."""
     inference, trt, readme = _BUILDERS[family]()
-    yaml_style = family == "dints"
+    yaml_style = family.startswith("dints")
     (root / "configs").mkdir(parents=True, exist_ok=True)
     (root / "models").mkdir(exist_ok=True)
     (root / "data").mkdir(exist_ok=True)
@@ -320,7 +349,7 @@ def make_bundle(family: str, root: Path, seed: int = 0) -> ZooLike:
         outputs = "*.nii.gz"
     else:
         outputs = "sample.pt"
-    if family == "dints":
+    if family.startswith("dints"):
         arch = np.random.RandomState(seed)
         torch.save({"node_a": np.ones((3, 3)), "arch_code_a": np.ones((2, 7)),
                     "arch_code_c": arch.randint(0, 4, (2, 7))}, root / "models" / "search_code.pt")
