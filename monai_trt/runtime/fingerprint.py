@@ -169,8 +169,11 @@ def _distributions() -> dict[str, list[str]]:
 
 @functools.lru_cache(maxsize=None)
 def _distributions_of(package: str) -> tuple[str, ...]:
-    """The distributions providing top-level `package`: the one of the same name when it lists `package` among its
-    top-level names (a single lookup), else from the full index of installed distributions (a scan of every one)."""
+    """The distributions providing top-level `package`: none for the standard library or a name no module was
+    imported under (e.g. a namedtuple's made-up `__module__`); the one of the same name when it lists `package`
+    among its top-level names (a single lookup); else from the full index of installed distributions (a scan)."""
+    if package in sys.stdlib_module_names or package not in sys.modules:
+        return ()
     try:
         same = importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError:
