@@ -87,6 +87,20 @@ def test_a_single_element_written_through_data_is_seen(tensor, x):
     assert wrapper(net).calls == {"engine": 2, "pytorch": 0} and wrapper(net).builds == 2
 
 
+def test_a_write_behind_the_counter_before_a_first_autocast_call_rebuilds_rather_than_disables(x):
+    """The per-call content check is read after the engine call is queued; a validation (here: the first call under
+    autocast) must not run on its provisional answer, or it would blame the engine for the changed weights."""
+    net = monai_trt.apply(WideSeg().eval(), [{"method": "onnxruntime", "precision": "fp16"}])  # validated
+    run(net, x)
+    _negate_data(net.mid.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(net, x)
+        expected = reference(net, x)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    assert not wrapper(net).disabled
+    assert wrapper(net).calls == {"engine": 2, "pytorch": 0} and wrapper(net).builds == 2
+
+
 # ---------------------------------------------------------------- case 2: non-persistent buffers
 def test_networks_differing_only_in_a_non_persistent_buffer_get_different_keys(x, cache_dir):
     first = monai_trt.apply(FlagSeg(gain=1.0).eval(), [ORT])

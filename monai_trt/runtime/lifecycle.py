@@ -150,8 +150,12 @@ class EngineSet:
             if loaded.accepts(call.shapes) and loaded.fingerprint == current:
                 if not loaded.serve:
                     return None
+                if autocast not in loaded.checked_autocast and not self._settle(deferred):
+                    return self.engine_for(call, reference, autocast)  # changed: validate with the module as it is
                 self._check_once(loaded, call, reference, autocast)
                 return loaded
+        if not self._settle(deferred):  # builds, loads and validations below work with final digests
+            return self.engine_for(call, reference, autocast)
         with self._lock:
             if current is not None:
                 self._sync_weights(current)
@@ -173,6 +177,14 @@ class EngineSet:
     def confirm(self, deferred: list[Any]) -> bool:
         """False when the module changed under a call that :meth:`engine_for` served with `deferred`."""
         return self._state is None or self._state.confirm(deferred)
+
+    def _settle(self, deferred: list[Any] | None) -> bool:
+        """Read a deferred content check now (it is then done); False when the module had changed."""
+        if not deferred:
+            return True
+        settled = self.confirm(deferred)
+        deferred.clear()
+        return settled
 
     def input_float_dtype(self, device: torch.device) -> torch.dtype:
         """The floating dtype the engine for `device` takes (inputs are cast to it)."""
