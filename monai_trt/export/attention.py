@@ -490,8 +490,9 @@ def _aligned(new: Builder, mask: Node | None) -> Node | None:
     """The mask as a view of a zero-padded copy whose rows start at multiples of :data:`_MASK_ALIGNMENT` elements.
 
     CUDA SDPA kernels need aligned mask rows. Eager PyTorch pads a misaligned mask with zeros; Inductor instead
-    allocates padded strides and leaves the padding uninitialised, and a SwinUNETR engine built that way (static
-    shapes, 343-key windows) answered right on its first run and NaN on every later one (H200, torch 2.11).
+    allocates padded strides without writing the padding, so this gives the engine eager's layout. It was added
+    while chasing a static-shape SwinUNETR engine (343-key windows) that answered right on its first run and NaN on
+    every later one (H200, torch 2.11); it did not fix that engine, which the two-run validation refuses.
     """
     if mask is None:
         return None
