@@ -7,6 +7,11 @@ Variants (`--variants`, comma separated):
 - `static`: dim 0 fixed at B (`dynamic_batchsize` [B, B, B]).
 - `dynamic_forced`: dim 0 over [1, B] with Inductor's `force_layout_optimization`.
 - `<variant>_noattn`: the same without the attention rewrite (`export_args: {fuse_attention: false}`).
+- `<variant>+<lever>[+<lever>...]`: the same with Inductor options added to `build_args.inductor_configs`
+  (levers: see `LEVERS`), e.g. `dynamic+act+o0`.
+
+`--fresh_inductor` builds each variant in an empty Inductor/Triton cache (cold build times); `--profile` writes a
+cProfile summary of each variant's first call (export + build + validation) to `<out>/profile_<variant>.txt`.
 
 Build time is split into torch.export and AOTInductor compile by timing those two calls.
 
@@ -16,13 +21,17 @@ Usage (GPU, repo root): python benchmarks/aoti_levers.py OUT [--network w1|spher
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import importlib
+import io
+import pstats
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,8 +39,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import monai_trt  # noqa: E402
+from monai_trt.bench.compiled import fresh_inductor_cache  # noqa: E402
 
 PHASES: dict[str, float] = {}
+LEVERS: dict[str, dict[str, Any]] = {
+    "act": {"triton.autotune_at_compile_time": True},  # one codegen pass instead of a Python pass + a C++ pass
+    "o0": {"aot_inductor.compile_wrapper_opt_level": "O0"},  # the C++ wrapper compiled without optimisation
+    "nopw": {"triton.autotune_pointwise": False},  # pointwise kernels take a heuristic config, no benchmarking
+}
 
 
 def _timed(owner: Any, name: str, phase: str) -> None:
@@ -93,17 +108,46 @@ def graph_replay_ms(engine: Any, inputs: list[torch.Tensor], calls: int) -> floa
 def variant_entry(variant: str, batch: int, cache: Path) -> dict[str, Any]:
     entry: dict[str, Any] = {"submodule": "", "method": "aoti", "precision": "fp16", "min_speedup": 0,
                              "path": str(cache / variant)}
+    variant, *levers = variant.split("+")
+    configs: dict[str, Any] = {}
+    for lever in levers:
+        configs.update(LEVERS[lever])
     if variant.startswith("static"):
         entry["dynamic_batchsize"] = [batch, batch, batch]
     if variant.endswith("_noattn"):
         entry["export_args"] = {"fuse_attention": False}
     if variant == "dynamic_forced":
-        entry["build_args"] = {"inductor_configs": {"force_layout_optimization": True}}
+        configs["force_layout_optimization"] = True
+    if configs:
+        entry["build_args"] = {"inductor_configs": configs}
     return entry
 
 
+def profiled(out: Path | None) -> contextlib.AbstractContextManager:
+    """cProfile the block and write its top functions (cumulative and own time) to `out`; no-op for None."""
+    if out is None:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def run() -> Iterator[None]:
+        profile = cProfile.Profile()
+        profile.enable()
+        try:
+            yield
+        finally:
+            profile.disable()
+            text = io.StringIO()
+            stats = pstats.Stats(profile, stream=text)
+            stats.sort_stats("cumulative").print_stats(70)
+            stats.sort_stats("tottime").print_stats(30)
+            out.write_text(text.getvalue())
+
+    return run()
+
+
 def measure_variant(
-    variant: str, name: str, x: torch.Tensor, reference: torch.Tensor, cache: Path, calls: int, graph_replay: bool
+    variant: str, name: str, x: torch.Tensor, reference: torch.Tensor, cache: Path, calls: int, graph_replay: bool,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """Build one variant's engine in its own cache (first call) and time it."""
     torch.manual_seed(0)
@@ -115,8 +159,9 @@ def measure_variant(
     row: dict[str, Any] = {}
     with torch.inference_mode():
         start = time.perf_counter()
-        first = net(x)
-        torch.cuda.synchronize()
+        with profiled(profile):
+            first = net(x)
+            torch.cuda.synchronize()
         row["first_call_s"] = round(time.perf_counter() - start, 1)
         row["phases_s"] = {k: round(v, 1) for k, v in PHASES.items()}
         row["max_abs_err_vs_fp32"] = float((first.float() - reference).abs().max())
@@ -150,6 +195,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--cache", default="/tmp/levers_cache")
     parser.add_argument("--graph_replay", action="store_true", help="also time a CUDA-graph replay of each engine")
+    parser.add_argument("--fresh_inductor", action="store_true", help="build each variant in an empty Inductor cache")
+    parser.add_argument("--profile", action="store_true", help="cProfile each variant's first call")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,8 +219,11 @@ def main() -> None:
     print(json.dumps(results), flush=True)
 
     for variant in args.variants.split(","):
-        row = measure_variant(variant, args.network, x, reference, Path(args.cache), args.calls,
-                              args.graph_replay)
+        inductor = fresh_inductor_cache(out / "inductor" / variant) if args.fresh_inductor else contextlib.nullcontext()
+        with inductor:
+            row = measure_variant(variant, args.network, x, reference, Path(args.cache), args.calls,
+                                  args.graph_replay, out / f"profile_{variant}.txt" if args.profile else None)
+        row["fresh_inductor_cache"] = args.fresh_inductor
         results["variants"][variant] = row
         print(variant, json.dumps(row), flush=True)
         torch.cuda.empty_cache()
