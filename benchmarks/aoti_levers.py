@@ -140,7 +140,9 @@ def profiled(out: Path | None) -> contextlib.AbstractContextManager:
             stats = pstats.Stats(profile, stream=text)
             stats.sort_stats("cumulative").print_stats(70)
             stats.sort_stats("tottime").print_stats(30)
+            stats.print_callers("check_call|waitpid|run_compile_cmd|_filelock.py|time.sleep")
             out.write_text(text.getvalue())
+            profile.dump_stats(str(out.with_suffix(".pstats")))
 
     return run()
 
