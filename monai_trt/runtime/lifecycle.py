@@ -35,7 +35,16 @@ from monai_trt.runtime.stamps import ModuleState
 from monai_trt.runtime.validate import compare_outputs
 from monai_trt.runtime.verdicts import Verdicts, median_seconds
 
-__all__ = ["EngineSet", "LoadedEngine", "Reference", "open_cache", "no_autocast", "eval_mode"]
+__all__ = ["EngineSet", "LoadedEngine", "Reference", "AutocastMode", "autocast_mode", "open_cache", "no_autocast",
+           "eval_mode"]
+
+AutocastMode = torch.dtype | None  # the caller's autocast dtype on the call's device type, None when autocast is off
+
+
+def autocast_mode(device: str) -> AutocastMode:
+    """The autocast state a call runs under: PyTorch's output dtypes depend on it, and on its dtype."""
+    kind = torch.device(device).type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 logger = logging.getLogger(__name__)
 _CACHES: dict[str, EngineCache] = {}
@@ -75,8 +84,9 @@ class LoadedEngine:
         io = cached.meta["io"]
         self.profiles = [tuple(tuple(tuple(s) for s in inp) for inp in p) for p in io["profiles"]]
         self.out_spec = pytree.treespec_loads(cached.meta["outputs"]["spec"])
-        self.out_dtypes = {False: [getattr(torch, d) for d in cached.meta["outputs"]["dtypes"]]}
-        self.checked_autocast: set[bool] = set()
+        self.out_dtypes: dict[AutocastMode, list[torch.dtype]] = {
+            None: [getattr(torch, d) for d in cached.meta["outputs"]["dtypes"]]}
+        self.checked_autocast: set[AutocastMode] = set()
         self.serve = True  # False: the speed gate found it no faster than PyTorch; its shapes run in PyTorch
         self.verdicts: Verdicts | None = None  # what this machine remembers about the entry
 
@@ -94,11 +104,11 @@ class LoadedEngine:
         return self.engine(tensors)
 
     def restore(
-        self, outputs: list[torch.Tensor], autocast: bool,
+        self, outputs: list[torch.Tensor], autocast: AutocastMode,
         dress: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
     ) -> Any:
         """Engine outputs in PyTorch's dtypes and structure; `dress` gives the leaves PyTorch's tensor types."""
-        dtypes = self.out_dtypes.get(autocast, self.out_dtypes[False])
+        dtypes = self.out_dtypes.get(autocast, self.out_dtypes[None])
         if len(outputs) != len(dtypes):
             raise EngineBuildError(f"engine {self.cached.path} returned {len(outputs)} outputs, expected {len(dtypes)}")
         leaves = [o.to(d) for o, d in zip(outputs, dtypes)]
@@ -138,7 +148,7 @@ class EngineSet:
 
     # ------------------------------------------------------------------ serving
     def engine_for(
-        self, call: CapturedCall, reference: Reference, autocast: bool,
+        self, call: CapturedCall, reference: Reference, autocast: AutocastMode,
         deferred: list[Any] | None = None,
     ) -> LoadedEngine | None:
         """A loaded, validated engine for `call` for the module as it is now, or None (run PyTorch).
@@ -275,7 +285,7 @@ class EngineSet:
         refit_args = REFIT_EXPORT_ARGS if self.spec.refit != "none" else {}
         return {**DEFAULT_EXPORT_ARGS, **refit_args, **self.spec.export_args}
 
-    def _prepare(self, call: CapturedCall, reference: Reference, autocast: bool) -> LoadedEngine | None:
+    def _prepare(self, call: CapturedCall, reference: Reference, autocast: AutocastMode) -> LoadedEngine | None:
         profiles, why_not = plan_profiles(self.spec, call)
         if profiles is None:
             self.warn_once(f"profile:{why_not}", "%s: %s; this call runs in PyTorch", self.label, why_not)
@@ -317,16 +327,7 @@ class EngineSet:
             self._refit(loaded, device, self._state.current())
             clock.lap("refit")
         cache.record_use(cached)
-        # what the engine is validated for: architecture, weights and how strict the comparison was
-        fingerprint = digest([self._state.current(), self.spec.precision, self.spec.tolerance])
-        if self.spec.refit != "refit" and not autocast and verdicts.validated(fingerprint):
-            loaded.checked_autocast.add(autocast)  # validated here before with these weights: no PyTorch forward
-            clock.lap("validated before")
-        else:
-            self._check(loaded, call, reference, autocast)
-            if self.spec.validate:
-                verdicts.record_validated(fingerprint)
-            clock.lap("validate")
+        clock.lap("validate" if self._check_once(loaded, call, reference, autocast) else "validated before")
         if self.spec.speed_gate and speed is None:
             engine_s, pytorch_s = self._time(loaded, call, reference, autocast)
             loaded.serve = verdicts.record_speed(engine_s, pytorch_s, self.spec.speed_gate)
@@ -442,7 +443,7 @@ class EngineSet:
         return None
 
     def _time(
-        self, loaded: LoadedEngine, call: CapturedCall, reference: Reference, autocast: bool
+        self, loaded: LoadedEngine, call: CapturedCall, reference: Reference, autocast: AutocastMode
     ) -> tuple[float, float]:
         """Median seconds of a served call and of PyTorch on this very call (the speed gate's measurement).
 
@@ -453,7 +454,7 @@ class EngineSet:
         def engine() -> None:
             if self._state is not None:
                 self._state.current()
-            with no_autocast(call.layout.device, autocast):
+            with no_autocast(call.layout.device, autocast is not None):
                 outputs = loaded.run(call.tensors)
             loaded.restore(outputs, autocast)
 
@@ -469,13 +470,37 @@ class EngineSet:
             ", measured in an earlier run" if remembered else "",
         )
 
-    def _check_once(self, loaded: LoadedEngine, call: CapturedCall, reference: Reference, autocast: bool) -> None:
-        if autocast not in loaded.checked_autocast:
-            self._check(loaded, call, reference, autocast)
+    def _check_once(
+        self, loaded: LoadedEngine, call: CapturedCall, reference: Reference, autocast: AutocastMode
+    ) -> bool:
+        """First use per process and autocast state: validate, unless this machine validated the engine before with
+        these weights, tolerance and autocast state (then no PyTorch forward). True when PyTorch ran."""
+        if autocast in loaded.checked_autocast:
+            return False
+        mode = None if autocast is None else dtype_name(autocast)
+        # what the engine is validated for: architecture, weights, how strict the comparison was, autocast
+        weights = self._state.current() if self._state is not None else None
+        fingerprint = digest([weights, self.spec.precision, self.spec.tolerance] + ([] if mode is None else [mode]))
+        verdicts = loaded.verdicts
+        remembered = None if verdicts is None or mode is None else verdicts.autocast_dtypes(mode)
+        known = verdicts is not None and self.spec.refit != "refit" and (
+            not self.spec.validate or verdicts.validated(fingerprint))
+        if known and (mode is None or remembered is not None):
+            if autocast is not None:
+                loaded.out_dtypes[autocast] = [getattr(torch, d) for d in remembered]
+            loaded.checked_autocast.add(autocast)
+            return False
+        self._check(loaded, call, reference, autocast)
+        if verdicts is not None:
+            if mode is not None:
+                verdicts.record_autocast_dtypes(mode, [dtype_name(d) for d in loaded.out_dtypes[autocast]])
+            if self.spec.validate:
+                verdicts.record_validated(fingerprint)
+        return True
 
-    def _check(self, loaded: LoadedEngine, call: CapturedCall, reference: Reference, autocast: bool) -> None:
-        """First use per process (and autocast state): compare with PyTorch and learn the output dtypes."""
-        if not self.spec.validate and not autocast:
+    def _check(self, loaded: LoadedEngine, call: CapturedCall, reference: Reference, autocast: AutocastMode) -> None:
+        """Compare with PyTorch and learn the output dtypes (under autocast, PyTorch's differ from the engine's)."""
+        if not self.spec.validate and autocast is None:
             loaded.checked_autocast.add(autocast)
             return
         leaves, _ = reference()
@@ -484,7 +509,7 @@ class EngineSet:
             # twice: an engine that carries state from one run into the next (seen: an Inductor engine that answered
             # right once, then NaN) must not pass on its first answer
             for run in ("", " on its second run with the same inputs"):
-                with no_autocast(call.layout.device, autocast):
+                with no_autocast(call.layout.device, autocast is not None):
                     outputs = loaded.run(call.tensors)
                 error = compare_outputs(outputs, leaves, self.spec.precision, self.spec.tolerance)
                 if error:

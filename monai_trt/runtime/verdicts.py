@@ -2,9 +2,9 @@
 
 - The speed gate: engine and PyTorch timed on the same call; an engine that is not at least `min_speedup` times as
   fast is not used for its shapes on this machine, in this process and later ones (nothing is rebuilt or re-measured).
-- Passed validations: the module-weights fingerprints an engine was validated against PyTorch with, so that a cache
-  hit costs a load, not a load plus a PyTorch forward. Engines built for `refit: refit` are validated after every
-  refit regardless.
+- Passed validations: the module-weights fingerprints an engine was validated against PyTorch with (and the autocast
+  dtype, with PyTorch's output dtypes under it), so that a cache hit costs a load, not a load plus a PyTorch
+  forward, with or without autocast. Engines built for `refit: refit` are validated after every refit regardless.
 """
 
 from __future__ import annotations
@@ -108,6 +108,18 @@ class Verdicts:
                                "serve": serve, "time": time.time()}
         self._save()
         return serve
+
+    def autocast_dtypes(self, mode: str) -> list[str] | None:
+        """PyTorch's output dtypes under autocast to `mode` (a dtype name), learned when the engine was validated."""
+        names = (self._mine.get("autocast_dtypes") or {}).get(mode)
+        if isinstance(names, list) and all(isinstance(n, str) and isinstance(getattr(torch, n, None), torch.dtype)
+                                           for n in names):
+            return names
+        return None
+
+    def record_autocast_dtypes(self, mode: str, names: list[str]) -> None:
+        self._mine["autocast_dtypes"] = {**(self._mine.get("autocast_dtypes") or {}), mode: names}
+        self._save()
 
     def record_validated(self, fingerprint: str) -> None:
         done = [f for f in (self._mine.get("validated") or []) if isinstance(f, str) and f != fingerprint]

@@ -39,7 +39,7 @@ from monai_trt.runtime.calls import (
     learn_output_types,
 )
 from monai_trt.runtime.devices import ReplicaSet
-from monai_trt.runtime.lifecycle import EngineSet, LoadedEngine, Reference, no_autocast
+from monai_trt.runtime.lifecycle import EngineSet, LoadedEngine, Reference, autocast_mode, no_autocast
 
 __all__ = ["EngineWrapper", "Usage", "USAGE", "training_dependent_layers"]
 
@@ -138,7 +138,7 @@ class EngineWrapper:
             else:
                 self.engine_set.warn_once(f"call:{err}", "%s: this call runs in PyTorch: %s", self.label, err)
             return self._pytorch(args, kwargs)
-        autocast = torch.is_autocast_enabled(torch.device(call.layout.device).type)
+        autocast = autocast_mode(call.layout.device)
         try:
             reference = _Reference(self.original, args, kwargs)
             deferred: list[Any] = []  # the per-call content check, read once the engine's work is enqueued
@@ -146,7 +146,7 @@ class EngineWrapper:
             output_types = self._output_types_for(call, reference, loaded) if loaded is not None else None
             if loaded is None or output_types is None:
                 return self._pytorch(args, kwargs)
-            with no_autocast(call.layout.device, autocast):
+            with no_autocast(call.layout.device, autocast is not None):
                 outputs = loaded.run(call.tensors)
             if not self.engine_set.confirm(deferred):  # the weights changed unseen by version counters: answer anew
                 return self(*args, **kwargs)
