@@ -25,8 +25,8 @@ import contextlib
 import cProfile
 import importlib
 import io
-import pstats
 import json
+import pstats
 import statistics
 import sys
 import time
