@@ -363,3 +363,14 @@ def test_one_engine_serves_every_smaller_batch_by_default(cache_dir):
     wrapper = monai_trt.wrappers(net)[""]
     assert wrapper.builds == 1 and wrapper.calls == {"engine": 3, "pytorch": 0}
     assert len(entries(cache_dir)) == 1
+
+
+@pytest.mark.parametrize("spin", [None, True])
+def test_onnxruntime_threads_do_not_spin_between_calls_unless_asked(x, spin):
+    """Spinning idle ORT threads took the cores the example bundle's evaluator needed between engine calls."""
+    build_args = {} if spin is None else {"build_args": {"allow_spinning": spin}}
+    net = monai_trt.apply(TinySeg().eval(), [{**ORT, **build_args}])
+    run(net, x)
+    (loaded,) = [e for engines in monai_trt.wrappers(net)[""].engines.values() for e in engines]
+    options = loaded.engine._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
