@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gzip
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -59,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache", default=None, help="engine cache (default <out>/cache; reused across runs)")
     parser.add_argument("--no_eager", action="store_true", help="leave out the AMP context row")
     parser.add_argument("--modes", default=None, help="comma-separated subset of the mode names")
+    parser.add_argument("--trace", action="store_true", help="after the rounds, one volume per mode under "
+                        "torch.profiler: <out>/trace_<mode>.json.gz (chrome trace) and .txt (top ops)")
     return parser.parse_args()
 
 
@@ -194,10 +198,33 @@ def main() -> None:
         write(out, results)
         print(f"[{time.perf_counter() - start_all:6.1f} s] round {rounds}: " + ", ".join(
             f"{m['name']} {results['modes'][m['name']]['samples_s'][-1]:.3f}" for m in modes), flush=True)
+    if args.trace:
+        for mode in modes:
+            trace(out, mode["name"], lambda m=mode: infer(m), device)
     results["wall_s"] = round(time.perf_counter() - start_all, 1)
     summarize(results, modes, nets, outputs)
     write(out, results)
     print((out / "multi_gpu.md").read_text())
+
+
+def trace(out: Path, name: str, run: Any, device: torch.device) -> None:
+    """One call of `run` under torch.profiler (host and, on CUDA, device timelines of every GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        run()
+        sync(device)
+    raw = out / f"trace_{name}.json"
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as source, gzip.open(f"{raw}.gz", "wb") as packed:
+        shutil.copyfileobj(source, packed)
+    raw.unlink()
+    order = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=order, row_limit=30)
+    (out / f"trace_{name}.txt").write_text(table + "\n" + prof.key_averages().table(
+        sort_by="cpu_time_total", row_limit=30))
 
 
 def summarize(results: dict[str, Any], modes: list[dict[str, Any]], nets: dict[str, Any],
