@@ -364,3 +364,44 @@ def test_refresh_makes_the_copies_again(net):
     with torch.no_grad():
         torch.testing.assert_close(net(x), reference(net, x), rtol=1e-4, atol=1e-5)
     assert copy_wrapper(net) is not first and copy_wrapper(net).calls == {"engine": 1, "pytorch": 0}
+
+
+def test_a_write_behind_the_version_counter_reaches_every_replica(net):
+    """`.data` writes on the original's weights: the owner's own share saw them, the copy's share did not."""
+    x = batch(4)
+    with torch.no_grad():
+        net(x)
+    weight = next(net.parameters())
+    version = weight._version
+    weight.data.mul_(-1.5)
+    assert weight._version == version  # behind the counter
+    with torch.no_grad():
+        out = net(x)
+    torch.testing.assert_close(out, reference(net, x), rtol=1e-4, atol=1e-5)  # both shares, not only the first
+    assert copy_wrapper(net).calls["engine"] >= 1
+
+
+def test_a_changed_attribute_of_the_original_makes_the_copies_again(trt_logs):
+    """An attribute the forward reads: the copies must follow it like the weights (no manual refresh)."""
+    net = monai_trt.apply(ScaledSeg().eval(), [TWO_CPUS])
+    x = batch(4)
+    with torch.no_grad():
+        net(x)
+    first = copy_wrapper(net)
+    net.scale = -2.0
+    with torch.no_grad():
+        out = net(x)
+    torch.testing.assert_close(out, reference(net, x), rtol=1e-4, atol=1e-5)
+    assert copy_wrapper(net) is not first
+    assert "copies are made again" in trt_logs.text()
+
+
+class ScaledSeg(TinySeg):
+    """TinySeg whose output is scaled by a plain float attribute (part of the architecture fingerprint)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = 1.0
+
+    def forward(self, x):
+        return super().forward(x) * self.scale

@@ -11,9 +11,11 @@ Replicas:
 - On every other device: a deep copy of the unwrapped module moved there, served by its own wrapper (built by the
   owner's class, with the same entry but no `devices`), so key → lookup/build → load → refit → validate, fallback
   and staleness apply per replica. The key has no device index: every replica loads the same cache entry.
-  Copies follow the original's weights: when any parameter or buffer of the original changes (identity, storage
-  or version counter, checked per call) the copies are updated in place (their wrappers then refit or re-key as
-  for any weights change), or re-copied when names, shapes or dtypes changed.
+  Copies follow the original: each split call checks it with a :class:`~monai_trt.runtime.stamps.Stamp`, as the
+  plain path checks its module. In-place tensor updates are copied into the copies (their wrappers then refit or
+  re-key as for any weights change); changed structure or attributes, or names/shapes/dtypes, make them again; a
+  content change behind the version counters (read after the shares are queued) updates the copies and answers
+  the call again.
 
 Threads and streams: the caller's thread first queues the copies of the other shares' inputs (on its current
 stream, ahead of its own work), then hands each share to its replica's worker thread (one per device, so one
@@ -48,6 +50,7 @@ from torch import nn
 
 from monai_trt.errors import BackendUnavailable, EngineBuildError
 from monai_trt.patch import PatchEntry
+from monai_trt.runtime.stamps import Pending, Stamp
 from monai_trt.runtime.validate import compare_outputs
 
 __all__ = ["ReplicaSet", "plan_devices", "split_sizes", "CallerState", "module_device"]
@@ -175,8 +178,7 @@ class ReplicaSet:
         self.unsplit: str | None = None
         self._replicas: list[_Replica] | None = None  # made on the first call: weights arrive after apply()
         self._own_device: torch.device | None = None
-        self._stamp: tuple[Any, ...] | None = None
-        self._slots: list[dict[str, Any]] = []
+        self._original: Stamp | None = None  # the original as the copies were last made or synced from it
         self._local = threading.local()
         self._lock = threading.Lock()
         self._warm = False
@@ -210,10 +212,11 @@ class ReplicaSet:
         with self._lock:  # one split call at a time: replicas and their copies are not shared between calls
             return self._split_call(args, kwargs)
 
-    def _split_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _split_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], retry: bool = True) -> Any:
         leaves, spec = pytree.tree_flatten((args, kwargs))
         first = next((t for t in leaves if isinstance(t, torch.Tensor) and t.dim() >= 1), None)
-        replicas = [r for r in self._ready() if r.failed is None] if first is not None else []
+        deferred: list[tuple[Stamp, list[Pending]]] = []  # the original's content check, read after the shares
+        replicas = [r for r in self._ready(deferred) if r.failed is None] if first is not None else []
         if first is None or first.shape[0] == 0 or not replicas:
             return self._own_call(args, kwargs, None)
         batch, caller = first.shape[0], first.device
@@ -259,6 +262,12 @@ class ReplicaSet:
         self._warm = True
         for i, future in sorted(futures.items()):
             results[i] = self._collect(replicas[i], future, shares[i], caller)
+        changed = next((why for stamp, pending in deferred if (why := stamp.content_changed(pending))), None)
+        if changed is not None and moved:  # the copies answered with weights the original no longer has
+            self._sync(changed)
+            if retry:
+                return self._split_call(args, kwargs, retry=False)
+            return self._own_call(args, kwargs, None)  # changing under every call: the original answers alone
         outputs = [results[i] for i in range(count)]
         if count == 1:
             return outputs[0]
@@ -342,13 +351,22 @@ class ReplicaSet:
                 self.owner.calls[kind] = self.owner.calls.get(kind, 0) + n
 
     # ------------------------------------------------------------------ replicas and their weights
-    def _ready(self) -> list[_Replica]:
-        """The replicas, made on the first call, with the copies brought up to the original's weights and mode."""
+    def _ready(self, deferred: list[tuple[Stamp, list[Pending]]]) -> list[_Replica]:
+        """The replicas, made on the first call, with the copies brought up to the original's weights and mode.
+
+        The original is checked as the owner's wrapper checks its module on every call (:class:`Stamp`): changed
+        structure or attributes make the copies again, in-place updates copy the tensors over; a write behind the
+        version counters shows in the content check, which goes to `deferred` (read once the shares are queued)."""
         device = module_device(self.owner.module)
         if self._replicas is None or device != self._own_device:
             self._make(device)
-        elif self._slots and self._current_stamp() != self._stamp:
-            self._sync()
+        elif self._original is not None:
+            why = self._original.changed(deferred)
+            if why == "tensors updated in place":
+                self._sync(why)
+            elif why is not None:
+                logger.info("%s: the module changed (%s); its copies are made again", self.label, why)
+                self._make(device)
         training = self.owner.module.training
         for replica in self._replicas:
             if replica.module is not None and replica.module.training != training:
@@ -367,8 +385,7 @@ class ReplicaSet:
                 replicas.append(self._copy(device))
         self._replicas, self._warm = replicas, False
         copies = any(not r.own for r in replicas)
-        self._slots = [d for m in self.owner.module.modules() for d in (m._parameters, m._buffers)] if copies else []
-        self._stamp = self._current_stamp()
+        self._original = Stamp(self.owner.module) if copies else None
 
     def _copy(self, device: torch.device) -> _Replica:
         """A private copy of the unwrapped module on `device`, and the wrapper that serves it."""
@@ -392,10 +409,7 @@ class ReplicaSet:
             wrapper.usage = owner_usage
         return _Replica(device, wrapper, clone)
 
-    def _current_stamp(self) -> tuple[Any, ...]:
-        return tuple((id(t), t.data_ptr(), t._version) for d in self._slots for t in d.values() if t is not None)
-
-    def _sync(self) -> None:
+    def _sync(self, why: str) -> None:
         """The original's tensors changed: copy them into every copy (re-copy when names/shapes/dtypes differ)."""
         source = self.owner.module.state_dict(keep_vars=True)
         for index, replica in enumerate(self._replicas):
@@ -410,10 +424,9 @@ class ReplicaSet:
             with torch.inference_mode(False), torch.no_grad():
                 for name, tensor in source.items():
                     target[name].detach().copy_(tensor.detach())
-        logger.info("%s: weights changed; the copies on %s follow", self.label,
+        logger.info("%s: weights changed (%s); the copies on %s follow", self.label, why,
                     [str(r.device) for r in self._replicas if not r.own])
-        self._slots = [d for m in self.owner.module.modules() for d in (m._parameters, m._buffers)]
-        self._stamp = self._current_stamp()
+        self._original = Stamp(self.owner.module)
 
     def refresh(self) -> None:
         """Make the copies again on the next call (e.g. after non-tensor attributes of the original changed)."""

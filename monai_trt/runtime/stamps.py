@@ -31,7 +31,8 @@ from monai_trt.runtime.fingerprint import (
     plain_tensor_attributes,
 )
 
-__all__ = ["architecture_fingerprint", "weights_digest", "WeightsHasher", "ModuleState", "Stamp", "ContentCheck"]
+__all__ = ["architecture_fingerprint", "weights_digest", "WeightsHasher", "ModuleState", "Stamp", "ContentCheck",
+           "Pending"]
 
 logger = logging.getLogger(__name__)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
