@@ -20,7 +20,7 @@ import monai_trt
 from monai_trt.errors import BackendUnavailable, EngineBuildError, PatchError
 from monai_trt.patch.spec import parse_patch
 from monai_trt.runtime.devices import CallerState, split_sizes
-from tests.nets import MultiIO, TinySeg
+from tests.nets import FlagSeg, MultiIO, TinySeg
 
 TWO_CPUS = {"method": "onnxruntime", "precision": "fp32", "devices": ["cpu", "cpu"], "dynamic_batchsize": [1, 2, 4]}
 
@@ -382,13 +382,13 @@ def test_a_write_behind_the_version_counter_reaches_every_replica(net):
 
 
 def test_a_changed_attribute_of_the_original_makes_the_copies_again(trt_logs):
-    """An attribute the forward reads: the copies must follow it like the weights (no manual refresh)."""
-    net = monai_trt.apply(ScaledSeg().eval(), [TWO_CPUS])
+    """An attribute the forward reads (as SwinUNETR's `normalize`): the copies follow it like the weights."""
+    net = monai_trt.apply(FlagSeg().eval(), [TWO_CPUS])
     x = batch(4)
     with torch.no_grad():
         net(x)
     first = copy_wrapper(net)
-    net.scale = -2.0
+    net.normalize = True
     with torch.no_grad():
         out = net(x)
     torch.testing.assert_close(out, reference(net, x), rtol=1e-4, atol=1e-5)
@@ -396,12 +396,12 @@ def test_a_changed_attribute_of_the_original_makes_the_copies_again(trt_logs):
     assert "copies are made again" in trt_logs.text()
 
 
-class ScaledSeg(TinySeg):
-    """TinySeg whose output is scaled by a plain float attribute (part of the architecture fingerprint)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = 1.0
-
-    def forward(self, x):
-        return super().forward(x) * self.scale
+def test_a_non_persistent_buffer_updated_in_place_reaches_every_replica():
+    """Not in the state_dict, but the forward reads it: copying the state_dict over would leave it stale."""
+    net = monai_trt.apply(FlagSeg().eval(), [TWO_CPUS])
+    x = batch(4)
+    with torch.no_grad():
+        net(x)
+        net.gain.mul_(3.0)
+        out = net(x)
+    torch.testing.assert_close(out, reference(net, x), rtol=1e-4, atol=1e-5)

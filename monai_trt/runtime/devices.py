@@ -50,7 +50,8 @@ from torch import nn
 
 from monai_trt.errors import BackendUnavailable, EngineBuildError
 from monai_trt.patch import PatchEntry
-from monai_trt.runtime.stamps import Pending, Stamp
+from monai_trt.runtime.fingerprint import plain_tensor_attributes
+from monai_trt.runtime.stamps import IN_PLACE, Pending, Stamp
 from monai_trt.runtime.validate import compare_outputs
 
 __all__ = ["ReplicaSet", "plan_devices", "split_sizes", "CallerState", "module_device"]
@@ -362,7 +363,7 @@ class ReplicaSet:
             self._make(device)
         elif self._original is not None:
             why = self._original.changed(deferred)
-            if why == "tensors updated in place":
+            if why == IN_PLACE:
                 self._sync(why)
             elif why is not None:
                 logger.info("%s: the module changed (%s); its copies are made again", self.label, why)
@@ -410,13 +411,16 @@ class ReplicaSet:
         return _Replica(device, wrapper, clone)
 
     def _sync(self, why: str) -> None:
-        """The original's tensors changed: copy them into every copy (re-copy when names/shapes/dtypes differ)."""
-        source = self.owner.module.state_dict(keep_vars=True)
+        """The original's tensors changed: copy every parameter and buffer (non-persistent ones too) into every copy;
+        make a copy again when names/shapes/dtypes differ, or when the original holds tensors as plain attributes
+        (they have no name to copy by)."""
+        source = _tensors(self.owner.module)
+        remake = any(True for _ in plain_tensor_attributes(self.owner.module))
         for index, replica in enumerate(self._replicas):
             if replica.own:
                 continue
-            target = replica.module.state_dict(keep_vars=True)
-            if list(source) != list(target) or any(
+            target = _tensors(replica.module)
+            if remake or list(source) != list(target) or any(
                     source[n].shape != target[n].shape or source[n].dtype != target[n].dtype for n in source):
                 replica.close()
                 self._replicas[index] = self._copy(replica.device)
@@ -440,6 +444,12 @@ class ReplicaSet:
 
 
 _NO_FORWARD = object()  # stands for the owner wrapper while its module is deep-copied
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name, tied and non-persistent ones included (a forward reads them all)."""
+    return {**dict(module.named_parameters(remove_duplicate=False)),
+            **dict(module.named_buffers(remove_duplicate=False))}
 
 
 def module_device(module: nn.Module) -> torch.device:

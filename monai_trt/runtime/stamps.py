@@ -32,7 +32,7 @@ from monai_trt.runtime.fingerprint import (
 )
 
 __all__ = ["architecture_fingerprint", "weights_digest", "WeightsHasher", "ModuleState", "Stamp", "ContentCheck",
-           "Pending"]
+           "Pending", "IN_PLACE"]
 
 logger = logging.getLogger(__name__)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -204,6 +204,9 @@ def _freeze(value: Any) -> Any:
     return value if isinstance(value, (type(None), bool, int, float, str)) else id(value)
 
 
+IN_PLACE = "tensors updated in place"  # what Stamp.changed says for an update the version counters saw
+
+
 class Stamp:
     """What the per-call check compares: a snapshot of the module tree, tensor identities/versions and checksum."""
 
@@ -250,7 +253,7 @@ class Stamp:
         if any(_freeze(attrs.get(name)) != frozen for attrs, name, frozen in self._containers):
             return "attribute contents"
         if self._tensor_versions() != self._versions:
-            return "tensors updated in place"
+            return IN_PLACE
         if deferred is not None:
             deferred.append((self, pending))
             return None
