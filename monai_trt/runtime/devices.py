@@ -51,7 +51,7 @@ from torch import nn
 from monai_trt.errors import BackendUnavailable, EngineBuildError
 from monai_trt.patch import PatchEntry
 from monai_trt.runtime.fingerprint import plain_tensor_attributes
-from monai_trt.runtime.stamps import IN_PLACE, Pending, Stamp
+from monai_trt.runtime.stamps import IN_PLACE, Pending, Stamp, content_change
 from monai_trt.runtime.validate import compare_outputs
 
 __all__ = ["ReplicaSet", "plan_devices", "split_sizes", "CallerState", "module_device"]
@@ -263,9 +263,9 @@ class ReplicaSet:
         self._warm = True
         for i, future in sorted(futures.items()):
             results[i] = self._collect(replicas[i], future, shares[i], caller)
-        changed = next((why for stamp, pending in deferred if (why := stamp.content_changed(pending))), None)
+        changed = content_change(deferred)
         if changed is not None and moved:  # the copies answered with weights the original no longer has
-            self._sync(changed)
+            self._sync(changed[1])
             if retry:
                 return self._split_call(args, kwargs, retry=False)
             return self._own_call(args, kwargs, None)  # changing under every call: the original answers alone

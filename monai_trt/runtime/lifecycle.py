@@ -487,13 +487,13 @@ class EngineSet:
             not self.spec.validate or verdicts.validated(fingerprint))
         if known and (mode is None or remembered is not None):
             if autocast is not None:
-                loaded.out_dtypes[autocast] = [getattr(torch, d) for d in remembered]
+                loaded.out_dtypes[autocast] = remembered
             loaded.checked_autocast.add(autocast)
             return False
         self._check(loaded, call, reference, autocast)
         if verdicts is not None:
             if mode is not None:
-                verdicts.record_autocast_dtypes(mode, [dtype_name(d) for d in loaded.out_dtypes[autocast]])
+                verdicts.record_autocast_dtypes(mode, loaded.out_dtypes[autocast])
             if self.spec.validate:
                 verdicts.record_validated(fingerprint)
         return True

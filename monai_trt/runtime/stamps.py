@@ -32,7 +32,7 @@ from monai_trt.runtime.fingerprint import (
 )
 
 __all__ = ["architecture_fingerprint", "weights_digest", "WeightsHasher", "ModuleState", "Stamp", "ContentCheck",
-           "Pending", "IN_PLACE"]
+           "Pending", "IN_PLACE", "content_change"]
 
 logger = logging.getLogger(__name__)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -321,11 +321,20 @@ class ModuleState:
         """Whether the digests :meth:`current` returned with `deferred` were right. False: the module's tensor
         contents had changed; whatever was computed with those digests must be discarded, and the next
         :meth:`current` recomputes them."""
-        for stamp, pending in deferred:
-            why = stamp.content_changed(pending)
-            if why is not None:
-                with self._lock:
-                    if self._stamp is stamp:
-                        self._full, self._why = True, why
-                return False
-        return True
+        found = content_change(deferred)
+        if found is None:
+            return True
+        stamp, why = found
+        with self._lock:
+            if self._stamp is stamp:
+                self._full, self._why = True, why
+        return False
+
+
+def content_change(deferred: list[tuple[Stamp, list[Pending]]]) -> tuple[Stamp, str] | None:
+    """The first stamp whose deferred content check (from :meth:`Stamp.changed`) found a change, and why."""
+    for stamp, pending in deferred:
+        why = stamp.content_changed(pending)
+        if why is not None:
+            return stamp, why
+    return None

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from monai_trt.cache import EngineCache
+from monai_trt.runtime.calls import dtype_name
 
 __all__ = ["Verdicts", "machine_id", "median_seconds", "sample_seconds"]
 
@@ -92,14 +93,24 @@ class Verdicts:
 
     def output_types(self, call_key: str) -> tuple[int | None, ...] | None:
         """The remembered output-type rule (see :class:`monai_trt.runtime.calls.OutputTypes`) for a call pattern."""
-        sources = (self._mine.get("output_types") or {}).get(call_key)
+        sources = self._keyed("output_types", call_key)
         if isinstance(sources, list) and all(s is None or isinstance(s, int) for s in sources):
             return tuple(sources)
         return None
 
     def record_output_types(self, call_key: str, sources: tuple[int | None, ...]) -> None:
-        self._mine["output_types"] = {**(self._mine.get("output_types") or {}), call_key: list(sources)}
-        self._save()
+        self._record_keyed("output_types", call_key, list(sources))
+
+    def autocast_dtypes(self, mode: str) -> list[torch.dtype] | None:
+        """PyTorch's output dtypes under autocast to `mode` (a dtype name), learned when the engine was validated."""
+        names = self._keyed("autocast_dtypes", mode)
+        if not isinstance(names, list):
+            return None
+        dtypes = [getattr(torch, n, None) if isinstance(n, str) else None for n in names]
+        return dtypes if all(isinstance(d, torch.dtype) for d in dtypes) else None
+
+    def record_autocast_dtypes(self, mode: str, dtypes: list[torch.dtype]) -> None:
+        self._record_keyed("autocast_dtypes", mode, [dtype_name(d) for d in dtypes])
 
     def record_speed(self, engine_s: float, pytorch_s: float, min_speedup: float) -> bool:
         """Record a measurement; returns whether the engine serves (PyTorch takes >= min_speedup × its time)."""
@@ -109,21 +120,19 @@ class Verdicts:
         self._save()
         return serve
 
-    def autocast_dtypes(self, mode: str) -> list[str] | None:
-        """PyTorch's output dtypes under autocast to `mode` (a dtype name), learned when the engine was validated."""
-        names = (self._mine.get("autocast_dtypes") or {}).get(mode)
-        if isinstance(names, list) and all(isinstance(n, str) and isinstance(getattr(torch, n, None), torch.dtype)
-                                           for n in names):
-            return names
-        return None
-
-    def record_autocast_dtypes(self, mode: str, names: list[str]) -> None:
-        self._mine["autocast_dtypes"] = {**(self._mine.get("autocast_dtypes") or {}), mode: names}
-        self._save()
-
     def record_validated(self, fingerprint: str) -> None:
         done = [f for f in (self._mine.get("validated") or []) if isinstance(f, str) and f != fingerprint]
         self._mine["validated"] = (done + [fingerprint])[-8:]  # a few recent weights, not an unbounded list
+        self._save()
+
+    def _keyed(self, section: str, key: str) -> Any:
+        """The value recorded under `key` in a section of keyed records (None when absent or malformed)."""
+        records = self._mine.get(section)
+        return records.get(key) if isinstance(records, dict) else None
+
+    def _record_keyed(self, section: str, key: str, value: Any) -> None:
+        records = self._mine.get(section)
+        self._mine[section] = {**(records if isinstance(records, dict) else {}), key: value}
         self._save()
 
     def _save(self) -> None:
