@@ -9,6 +9,8 @@ Modes (N = visible CUDA devices):
 - `devicesN_sw8N`  `devices: [0..N-1]`, sw_batch 8*N: each window batch split 8+8(+...) across the GPUs (N > 1)
 - `devicesN_sw8`   `devices: [0..N-1]`, sw_batch 8: each window batch split 4+4 (N = 2) (N > 1)
 - `amp_sw8`        PyTorch under autocast fp16 (AMP), one GPU (context only; `--no_eager` leaves it out)
+- `<mode>_graph`   with `--cuda_graph`: each patched mode again with `use_cuda_graph: true` (engine calls replay CUDA
+                   graphs; the same cache entry)
 
 Every mode has its own network object (same seeded weights), so the rounds interleave the modes: round r times
 each mode once on each volume, and the medians are over rounds (>= 3, after `--warmup` untimed calls per mode, the
@@ -61,6 +63,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache", default=None, help="engine cache (default <out>/cache; reused across runs)")
     parser.add_argument("--no_eager", action="store_true", help="leave out the AMP context row")
     parser.add_argument("--modes", default=None, help="comma-separated subset of the mode names")
+    parser.add_argument("--cuda_graph", action="store_true", help="add a `use_cuda_graph: true` twin of every "
+                        "patched mode (<mode>_graph)")
     parser.add_argument("--trace", action="store_true", help="after the rounds, one volume per mode under "
                         "torch.profiler: <out>/trace_<mode>.json.gz (chrome trace) and .txt (top ops)")
     return parser.parse_args()
@@ -92,6 +96,8 @@ def plan(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]
     if count > 1:
         modes += [{"name": f"devices{count}_sw{sw * count}", "devices": many, "sw_batch": sw * count},
                   {"name": f"devices{count}_sw{sw}", "devices": many, "sw_batch": sw}]
+    if args.cuda_graph:
+        modes = [twin for m in modes for twin in (m, {**m, "name": f"{m['name']}_graph", "graph": True})]
     if not args.no_eager:
         modes.append({"name": f"amp_sw{sw}", "devices": "eager", "sw_batch": sw})
     if args.modes:
@@ -137,6 +143,7 @@ def main() -> None:
         net = copy.deepcopy(base)
         if mode["devices"] != "eager":
             entry = dict(patch) if mode["devices"] is None else {**patch, "devices": mode["devices"]}
+            entry["use_cuda_graph"] = bool(mode.get("graph"))
             monai_trt.apply(net, [entry])
         nets[mode["name"]] = net
         mode["inferer"] = SlidingWindowInferer(work["roi"], mode["sw_batch"], overlap=work["overlap"])
@@ -254,6 +261,29 @@ def summarize(results: dict[str, Any], modes: list[dict[str, Any]], nets: dict[s
                 row["builds"] = wrapper.replicas.builds
             else:
                 row["builds"] = wrapper.builds
+            row["cuda_graphs"] = graph_counts(wrapper)
+
+
+def graph_counts(wrapper: Any) -> dict[str, Any] | None:
+    """Captures, replays and plain runs of the CUDA graphs of every engine serving `wrapper` (its replicas too)."""
+    serving = [wrapper] + [w for _, w in (wrapper.replicas.replicas() if wrapper.replicas is not None else [])
+                           if w is not wrapper]
+    graphs = [getattr(e.engine, "graphs", None) for w in serving for engines in w.engine_set.by_layout.values()
+              for e in engines]
+    graphs = [g for g in graphs if g is not None]
+    if not graphs:
+        return None
+    return {"engines": len(graphs), "captures": sum(g.captures for g in graphs),
+            "replays": sum(g.replays for g in graphs), "plain": sum(g.plain for g in graphs),
+            "refused": [g.refused for g in graphs if g.refused]}
+
+
+def graph_cell(row: dict[str, Any]) -> str:
+    counts = row.get("cuda_graphs")
+    if not counts:
+        return "-"
+    cell = f"{counts['captures']} / {counts['replays']} / {counts['plain']}"
+    return cell + (f" (off: {counts['refused'][0][:80]})" if counts["refused"] else "")
 
 
 def write(out: Path, results: dict[str, Any]) -> None:
@@ -268,8 +298,8 @@ def write(out: Path, results: dict[str, Any]) -> None:
         f"{results['versions']['monai']}. Median of interleaved rounds after warm-up; reference: the first row.",
         "",
         "| mode | devices | sw_batch | rounds | median s / volume | vs first row | first call s | Dice vs first | "
-        "max abs diff | shares engine / pytorch |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "max abs diff | shares engine / pytorch | CUDA graph captures / replays / plain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["modes"].values():
         if "error" in row:
@@ -280,7 +310,7 @@ def write(out: Path, results: dict[str, Any]) -> None:
                  "n/a" if median is None else f"{median:.4f}", "n/a" if ratio is None else f"{ratio:.3f}",
                  f"{row['first_call_s']:.1f}", f"{row.get('dice_vs_plain', float('nan')):.4f}",
                  f"{row.get('max_abs_diff_vs_plain', float('nan')):.2e}",
-                 "eager" if calls is None else f"{calls['engine']} / {calls['pytorch']}"]
+                 "eager" if calls is None else f"{calls['engine']} / {calls['pytorch']}", graph_cell(row)]
         lines.append("| " + " | ".join(cells) + " |")
     if "wall_s" in results:
         lines += ["", f"Wall time {results['wall_s']} s."]

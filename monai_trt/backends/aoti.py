@@ -12,6 +12,7 @@ import torch
 
 from monai_trt.backends.aoti_isa import probe_skipped
 from monai_trt.backends.base import UNREFITTED, BuildJob, CallableEngine, Engine, require_weights
+from monai_trt.backends.cuda_graph import GraphedEngine
 from monai_trt.errors import EngineBuildError
 from monai_trt.events import report
 from monai_trt.export.program import export_program
@@ -30,10 +31,13 @@ def _inductor():
     return torch._inductor
 
 
-def load_package(path: Path, device_index: int) -> Any:
-    """`aoti_load_package` without Inductor's CPU vector-ISA probe on this thread (see :mod:`.aoti_isa`)."""
+def load_package(path: Path, device_index: int, single_threaded: bool = False) -> Any:
+    """`aoti_load_package` without Inductor's CPU vector-ISA probe on this thread (see :mod:`.aoti_isa`).
+
+    `single_threaded`: the runner AOTInductor provides for CUDA graph capture (no events, no model pool)."""
     with probe_skipped():
-        return _inductor().aoti_load_package(str(path), device_index=device_index)
+        return _inductor().aoti_load_package(str(path), run_single_threaded=single_threaded,
+                                             device_index=device_index)
 
 
 class AotiBackend:
@@ -43,7 +47,7 @@ class AotiBackend:
     multi_profile: ClassVar[bool] = False
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "tf32", "fp16", "bf16")
     refit_modes: ClassVar[tuple[str, ...]] = ("none", "identical", "refit")
-    cuda_graphs: ClassVar[bool] = False
+    cuda_graphs: ClassVar[bool] = True  # CUDA only; on CPU `use_cuda_graph` has no effect
     default_build_args: ClassVar[Mapping[str, Any]] = {
         "max_autotune": False,
         "coordinate_descent_tuning": False,
@@ -107,20 +111,34 @@ class AotiBackend:
         self, entry_dir: Path, meta: Mapping[str, Any], device: torch.device, use_cuda_graph: bool = False
     ) -> Engine:
         index = device.index if device.type == "cuda" and device.index is not None else -1
-        runner = load_package(entry_dir / ARTIFACT, index)
+        graphs = use_cuda_graph and device.type == "cuda"
+        runner = load_package(entry_dir / ARTIFACT, index, single_threaded=graphs)
+        label = f"engine {entry_dir.name[:12]} on {device}"
         if meta.get("refit", "none") == "none":
-            return CallableEngine(runner)
+            return _AotiEngine(runner, device, graphs, label)
         constants = {}
         if CONSTANTS in meta["artifacts"]:
             constants = torch.load(entry_dir / CONSTANTS, map_location=device, weights_only=True)
-        return _RefittableAoti(runner, constants, device)
+        return _RefittableAoti(runner, constants, device, graphs, label)
 
 
-class _RefittableAoti(CallableEngine):
+class _AotiEngine(CallableEngine):
+    """A loaded `.pt2`; with `graphs`, its calls replay CUDA graphs (:class:`GraphedEngine`)."""
+
+    def __init__(self, runner: Any, device: torch.device, graphs: bool, label: str) -> None:
+        super().__init__(runner)
+        self.graphs = GraphedEngine(super().__call__, device, label=label) if graphs else None
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self.graphs(inputs) if self.graphs is not None else super().__call__(inputs)
+
+
+class _RefittableAoti(_AotiEngine):
     """A weight-less `.pt2`: refuses to run until every weight it names has been loaded."""
 
-    def __init__(self, runner: Any, constants: Mapping[str, torch.Tensor], device: torch.device) -> None:
-        super().__init__(runner)
+    def __init__(self, runner: Any, constants: Mapping[str, torch.Tensor], device: torch.device, graphs: bool,
+                 label: str) -> None:
+        super().__init__(runner, device, graphs, label)
         expected = set(runner.get_constant_fqns())
         self._constants = {k: v for k, v in constants.items() if k in expected}  # the rest was folded at build
         self._device = device
@@ -132,6 +150,8 @@ class _RefittableAoti(CallableEngine):
         require_weights(self._names, weights)
         update = {**self._constants, **{n: weights[n].detach().to(self._device) for n in self._names}}
         self._function.load_constants(update, check_full_update=True)
+        if self.graphs is not None:  # graphs read the weights at the addresses they were captured with
+            self.graphs.forget()
         self._loaded = True
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -214,9 +214,9 @@ class EngineSet:
                 raise BackendUnavailable(f"method '{backend.name}' does not support precision {self.spec.precision}")
             if self.spec.refit not in backend.refit_modes:
                 raise BackendUnavailable(f"method '{backend.name}' does not support refit '{self.spec.refit}'")
-            if self.spec.use_cuda_graph and not backend.cuda_graphs:
-                logger.warning("%s: use_cuda_graph has no effect with method '%s' (TensorRT engines only)",
-                               self.label, backend.name)
+            if self.spec.use_cuda_graph and not (backend.cuda_graphs and device.type == "cuda"):
+                logger.warning("%s: use_cuda_graph has no effect with method '%s' on %s (TensorRT and aoti engines "
+                               "on CUDA only)", self.label, backend.name, device.type)
             args = merge_build_args(backend, self.spec.build_args, strict=self.spec.method != "auto")
             self._backends[device.type] = (backend, args)
         return self._backends[device.type]
