@@ -43,7 +43,8 @@ Run = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
 Capture = Callable[[Callable[[], list[torch.Tensor]], Any], tuple[Callable[[], None], list[torch.Tensor]]]
 
 
-def capture_cuda_graph(run: Callable[[], list[torch.Tensor]], pool: Any) -> tuple[Callable[[], None], list[torch.Tensor]]:
+def capture_cuda_graph(run: Callable[[], list[torch.Tensor]], pool: Any
+                       ) -> tuple[Callable[[], None], list[torch.Tensor]]:
     """Capture `run()` in a CUDA graph drawing on `pool`: (replay, the static outputs the replay writes).
 
     Captured in `thread_local` mode, so other threads (other devices' replicas) may keep launching meanwhile."""
