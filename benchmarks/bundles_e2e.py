@@ -51,8 +51,11 @@ def run(bundle: str, out: Path, name: str, patch: bool, overrides: dict, env: di
         text = io.StringIO()
         pstats.Stats(str(stats), stream=text).sort_stats("cumulative").print_stats(45)
         (out / bundle / f"{name}.profile.txt").write_text(text.getvalue())
-    return {"name": name, "rc": done.returncode, "wall_s": round(wall, 3), "built": kinds.count("built"),
-            "cache_hits": kinds.count("cache_hit")}
+    row = {"name": name, "rc": done.returncode, "wall_s": round(wall, 3), "built": kinds.count("built"),
+           "cache_hits": kinds.count("cache_hit")}
+    with open(out / bundle / "runs.jsonl", "a", encoding="utf-8") as runs:  # kept if the script is cut short
+        runs.write(json.dumps(row) + "\n")
+    return row
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from tests.nets import TinySeg
 CPU = torch.device("cpu")
 
 
-def cpu_capture(run, pool):
+def cpu_capture(run, pool, device):
     """A CPU stand-in for a CUDA graph: bound to the static buffers at capture, each replay recomputes from them into
     the static outputs (so an input that was not copied in, or an output handed out without a copy, shows)."""
     outputs = run()
@@ -62,7 +62,7 @@ def test_each_input_layout_gets_its_own_graph_up_to_the_limit(monkeypatch, trt_l
 
 
 def test_a_failing_capture_turns_graphs_off_with_a_warning(trt_logs):
-    def broken(run, pool):
+    def broken(run, pool, device):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     engine = GraphedEngine(Affine(), CPU, capture=broken)
@@ -81,7 +81,7 @@ def test_a_replay_that_disagrees_with_the_plain_run_turns_graphs_off(trt_logs):
         calls["n"] += 1
         return [inputs[0] + calls["n"]]
 
-    def frozen_capture(run, pool):  # a real graph replays the kernels with the values captured: no host work
+    def frozen_capture(run, pool, device):  # a real graph replays the kernels with the values captured: no host work
         outputs = run()
         return (lambda: None), outputs
 
@@ -104,15 +104,18 @@ def test_forget_captures_again():
 
 
 def test_use_cuda_graph_on_cpu_runs_without_graphs_and_says_so(trt_logs):
+    """Explicitly asked for on CPU: a warning; left unset (the default), nothing is said."""
     net = monai_trt.apply(TinySeg().eval(), [{"method": "aoti", "precision": "fp32", "use_cuda_graph": True}])
+    default = monai_trt.apply(TinySeg().eval(), [{"method": "aoti", "precision": "fp32"}])
     x = torch.randn(2, 1, 16, 16, 16)
     with torch.no_grad():
         want = net.__dict__["forward"].original(x)
         got = net(x)
+        default(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     (loaded,) = [e for engines in net.__dict__["forward"].engine_set.by_layout.values() for e in engines]
     assert loaded.engine.graphs is None
-    assert "use_cuda_graph has no effect with method 'aoti' on cpu" in trt_logs.text(logging.WARNING)
+    assert trt_logs.text(logging.WARNING).count("use_cuda_graph has no effect with method 'aoti' on cpu") == 1
 
 
 @requires_cuda
@@ -140,3 +143,21 @@ def test_aoti_engine_replays_cuda_graphs_on_cuda(refit):
                 x = torch.randn(4, 1, 16, 16, 16, device="cuda")
                 torch.testing.assert_close(wrapped(x), wrapper.original(x), rtol=1e-3, atol=1e-3)
             assert graphs.captures == 3
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_split_across_two_gpus_replays_graphs_on_both():
+    """The copy on cuda:1 captures from a worker thread whose caller's current device is cuda:0 (torch's shared
+    default capture stream would be on the wrong device there)."""
+    torch.manual_seed(0)
+    wrapped = monai_trt.apply(TinySeg().eval().cuda(0), [{"method": "aoti", "precision": "fp32", "devices": [0, 1],
+                                                          "dynamic_batchsize": [1, 4, 4]}])
+    wrapper = wrapped.__dict__["forward"]
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(8, 1, 16, 16, 16, device="cuda:0")
+            torch.testing.assert_close(wrapped(x), wrapper.original(x), rtol=1e-3, atol=1e-3)
+    serving = [w for _, w in wrapper.replicas.replicas()]
+    graphs = [e.engine.graphs for w in serving for engines in w.engine_set.by_layout.values() for e in engines]
+    assert len(graphs) == 2 and all(g is not None and g.refused is None and g.replays >= 2 for g in graphs)
+    assert wrapper.calls["pytorch"] == 0

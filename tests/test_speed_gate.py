@@ -170,3 +170,16 @@ def test_the_gate_times_what_a_served_call_costs(monkeypatch):
     _run(net, x)
     speed = next(e for v in monai_trt.wrappers(net)[""].engines.values() for e in v).verdicts.speed
     assert speed["engine_s"] >= 0.05 and not speed["serve"]
+
+
+def test_the_speed_verdict_is_kept_per_runtime(cache_dir):
+    """A measurement with plain launches says nothing about CUDA graph replays (and back): each is measured once."""
+    from monai_trt.runtime.verdicts import Verdicts
+
+    cache, key, cpu = lifecycle.open_cache(cache_dir), "ab" * 32, torch.device("cpu")
+    assert Verdicts(cache, key, cpu).record_speed(0.002, 0.001, 1.01) is False
+    assert Verdicts(cache, key, cpu).speed["serve"] is False
+    assert Verdicts(cache, key, cpu, "cuda_graph").speed is None
+    assert Verdicts(cache, key, cpu, "cuda_graph").record_speed(0.0005, 0.001, 1.01) is True
+    assert Verdicts(cache, key, cpu).speed["serve"] is False  # both kept
+    assert Verdicts(cache, key, cpu, "cuda_graph").speed["serve"] is True

@@ -47,7 +47,7 @@ class AotiBackend:
     multi_profile: ClassVar[bool] = False
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "tf32", "fp16", "bf16")
     refit_modes: ClassVar[tuple[str, ...]] = ("none", "identical", "refit")
-    cuda_graphs: ClassVar[bool] = True  # CUDA only; on CPU `use_cuda_graph` has no effect
+    cuda_graphs: ClassVar[str] = "default"  # inputs are copied into the graphs' buffers: nothing asked of callers
     default_build_args: ClassVar[Mapping[str, Any]] = {
         "max_autotune": False,
         "coordinate_descent_tuning": False,

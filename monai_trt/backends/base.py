@@ -45,7 +45,9 @@ class Backend(Protocol):
     """An engine kind. `default_build_args` also lists the accepted `build_args` keys.
 
     `refit_modes` lists the `refit` modes it can build; for modes other than none, `load` returns a
-    :class:`RefittableEngine`. `cuda_graphs`: whether `load(..., use_cuda_graph=True)` captures CUDA graphs.
+    :class:`RefittableEngine`. `cuda_graphs`: whether `load(..., use_cuda_graph=True)` replays CUDA graphs on CUDA
+    devices: "default" (also when the entry leaves `use_cuda_graph` unset), "opt-in" (only when it sets it true) or
+    "" (never).
     """
 
     name: ClassVar[str]
@@ -53,7 +55,7 @@ class Backend(Protocol):
     multi_profile: ClassVar[bool]
     precisions: ClassVar[tuple[str, ...]]
     refit_modes: ClassVar[tuple[str, ...]]
-    cuda_graphs: ClassVar[bool]
+    cuda_graphs: ClassVar[str]
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None when this backend can build and run engines on `device`, else why not (one sentence)."""

@@ -40,17 +40,20 @@ MAX_GRAPHS = 8  # input layouts captured per engine (a sliding window needs two:
 REPLAY_TOLERANCE = 1e-3  # relative L2 between the first replay and the plain run of the same inputs
 
 Run = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
-Capture = Callable[[Callable[[], list[torch.Tensor]], Any], tuple[Callable[[], None], list[torch.Tensor]]]
+Capture = Callable[[Callable[[], list[torch.Tensor]], Any, torch.device],
+                   tuple[Callable[[], None], list[torch.Tensor]]]
 
 
-def capture_cuda_graph(run: Callable[[], list[torch.Tensor]], pool: Any
+def capture_cuda_graph(run: Callable[[], list[torch.Tensor]], pool: Any, device: torch.device
                        ) -> tuple[Callable[[], None], list[torch.Tensor]]:
-    """Capture `run()` in a CUDA graph drawing on `pool`: (replay, the static outputs the replay writes).
+    """Capture `run()` on `device` in a CUDA graph drawing on `pool`: (replay, the static outputs the replay writes).
 
-    Captured in `thread_local` mode, so other threads (other devices' replicas) may keep launching meanwhile."""
+    On a capture stream of that device (torch's shared default capture stream lives on whichever device first used
+    it), in `thread_local` mode, so other threads (other devices' replicas) may keep launching meanwhile."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        outputs = run()
+    with torch.cuda.device(device):
+        with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
+            outputs = run()
     return graph.replay, outputs
 
 
@@ -124,7 +127,7 @@ class GraphedEngine:
             if self._pool is None and self._device.type == "cuda":
                 self._pool = torch.cuda.graph_pool_handle()
             self._after_previous()
-            replay, static_outputs = self._capture(lambda: self._engine(static_inputs), self._pool)
+            replay, static_outputs = self._capture(lambda: self._engine(static_inputs), self._pool, self._device)
             replay()
             mismatch = compare_outputs(static_outputs, outputs, "fp32", REPLAY_TOLERANCE)
         except Exception as err:  # capture unsupported by this engine (host syncs, CPU work...): run plainly

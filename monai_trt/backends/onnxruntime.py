@@ -32,7 +32,7 @@ class OnnxRuntimeBackend:
     multi_profile: ClassVar[bool] = False
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "tf32", "fp16")
     refit_modes: ClassVar[tuple[str, ...]] = ("none", "identical", "refit")
-    cuda_graphs: ClassVar[bool] = False
+    cuda_graphs: ClassVar[str] = ""
     default_build_args: ClassVar[Mapping[str, Any]] = {
         "graph_optimization_level": "all",
         "intra_op_num_threads": 0,

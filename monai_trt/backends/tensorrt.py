@@ -65,7 +65,7 @@ class TensorRTBackend:
     multi_profile: ClassVar[bool] = True
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "tf32", "fp16", "bf16")
     refit_modes: ClassVar[tuple[str, ...]] = tuple(_REFIT_FLAGS)
-    cuda_graphs: ClassVar[bool] = True
+    cuda_graphs: ClassVar[str] = "opt-in"  # replays only while callers pass the same input tensors
     default_build_args: ClassVar[Mapping[str, Any]] = {
         "builder_optimization_level": 3,  # TensorRT's default; 0 (fast build) .. 5 (slow build, fast engine)
         "precision_constraints": "obey",  # TensorRT 10, fp16/bf16: obey | prefer | none

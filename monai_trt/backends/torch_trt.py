@@ -44,7 +44,7 @@ class TorchTensorRTBackend:
     multi_profile: ClassVar[bool] = False
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "tf32", "fp16", "bf16")
     refit_modes: ClassVar[tuple[str, ...]] = ("none",)
-    cuda_graphs: ClassVar[bool] = False
+    cuda_graphs: ClassVar[str] = ""
     default_build_args: ClassVar[Mapping[str, Any]] = {
         "min_block_size": 5,
         "optimization_level": 3,

@@ -64,7 +64,9 @@ class PatchEntry:
         tolerance: override of the relative L2 error allowed by validation (None: per-precision default).
         max_engines: the most engines (shape ranges) one submodule may build before calls go to PyTorch.
         export_args: options for the exporter (e.g. opset_version), part of the cache key.
-        use_cuda_graph: capture CUDA graphs where the backend supports it.
+        use_cuda_graph: replay engine calls from CUDA graphs (CUDA devices; `aoti` and TensorRT engines). None (unset,
+            or "auto"): the backend's default, on for `aoti`, off for TensorRT (whose graphs need the same input
+            tensors every call).
         refit: none (weights baked in), identical or refit (engine stored without weights).
         output_names: names for the engine outputs (cosmetic: unlike trt_compile, outputs never become a dict).
         build_timeout: longest wait, in seconds, for another process building the same engine; after it this
@@ -91,7 +93,7 @@ class PatchEntry:
     tolerance: float | None = None
     max_engines: int = 4
     export_args: Mapping[str, Any] = field(default_factory=dict)
-    use_cuda_graph: bool = False
+    use_cuda_graph: bool | None = None
     refit: str = "none"
     output_names: tuple[str, ...] = ()
     build_timeout: float = DEFAULT_BUILD_TIMEOUT
@@ -212,9 +214,12 @@ def _parse_entry(index: int, raw: Any) -> list[PatchEntry]:
     ignored += [f"export_args.{k}" for k in sorted(set(export_args) - set(values["export_args"]))]
     if ignored:
         logger.info("%s: %s accepted for compatibility with trt_compile and ignored", where, ignored)
-    for flag in ("fallback", "validate", "use_cuda_graph"):
+    for flag in ("fallback", "validate"):
         if flag in raw:
             values[flag] = _as_bool(raw[flag], f"{where}.{flag}")
+    graphs = raw.get("use_cuda_graph")
+    if graphs is not None and not (isinstance(graphs, str) and graphs.strip().lower() == "auto"):
+        values["use_cuda_graph"] = _as_bool(graphs, f"{where}.use_cuda_graph")
     if raw.get("tolerance") is not None:
         tol = raw["tolerance"]
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol <= 0:

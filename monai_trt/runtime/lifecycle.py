@@ -215,11 +215,20 @@ class EngineSet:
             if self.spec.refit not in backend.refit_modes:
                 raise BackendUnavailable(f"method '{backend.name}' does not support refit '{self.spec.refit}'")
             if self.spec.use_cuda_graph and not (backend.cuda_graphs and device.type == "cuda"):
-                logger.warning("%s: use_cuda_graph has no effect with method '%s' on %s (TensorRT and aoti engines "
+                logger.warning("%s: use_cuda_graph has no effect with method '%s' on %s (aoti and TensorRT engines "
                                "on CUDA only)", self.label, backend.name, device.type)
             args = merge_build_args(backend, self.spec.build_args, strict=self.spec.method != "auto")
             self._backends[device.type] = (backend, args)
         return self._backends[device.type]
+
+    def _graphs(self, backend: Backend, device: torch.device) -> bool:
+        """Whether engines of `backend` on `device` replay CUDA graphs: as the entry says, else the backend's
+        default (CUDA devices only)."""
+        if device.type != "cuda" or not backend.cuda_graphs:
+            return False
+        if self.spec.use_cuda_graph is None:
+            return backend.cuda_graphs == "default"
+        return self.spec.use_cuda_graph
 
     def refresh(self) -> None:
         """Re-fingerprint and re-hash the module on its next call (see :func:`monai_trt.refresh`)."""
@@ -314,7 +323,7 @@ class EngineSet:
                 return self._wait_later(key, err)
             clock.lap("build")
         baked = (key_inputs["architecture"], key_inputs["weights"]) if self.spec.refit == "none" else None
-        verdicts = Verdicts(cache, key, device)
+        verdicts = Verdicts(cache, key, device, "cuda_graph" if self._graphs(backend, device) else "plain")
         speed = verdicts.speed if self.spec.speed_gate else None
         if speed is not None and not speed["serve"]:  # measured here before: PyTorch is as fast; nothing to load
             cache.release(cached)
@@ -423,7 +432,8 @@ class EngineSet:
                 cache.quarantine(cached.key, f"meta.json cannot describe the engine: {type(err).__name__}: {err}")
                 raise EngineBuildError(f"cached engine {cached.path} has an unusable meta.json: {err}") from err
             try:
-                loaded.engine = backend.load(cached.files, cached.meta, device, use_cuda_graph=self.spec.use_cuda_graph)
+                loaded.engine = backend.load(cached.files, cached.meta, device,
+                                             use_cuda_graph=self._graphs(backend, device))
             except Exception as err:
                 raise EngineBuildError(f"cached engine {cached.path} could not be loaded in this process (the entry is "
                                        f"kept for other processes): {type(err).__name__}: {err}") from err

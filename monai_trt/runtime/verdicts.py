@@ -2,6 +2,7 @@
 
 - The speed gate: engine and PyTorch timed on the same call; an engine that is not at least `min_speedup` times as
   fast is not used for its shapes on this machine, in this process and later ones (nothing is rebuilt or re-measured).
+  Measured per way of running the engine (`runtime`: plain launches, or CUDA graph replays).
 - Passed validations: the module-weights fingerprints an engine was validated against PyTorch with (and the autocast
   dtype, with PyTorch's output dtypes under it), so that a cache hit costs a load, not a load plus a PyTorch
   forward, with or without autocast. Engines built for `refit: refit` are validated after every refit regardless.
@@ -71,10 +72,11 @@ def median_seconds(run: Callable[[], Any], device: torch.device, repeats: int = 
 
 
 class Verdicts:
-    """The record of one cache key on one machine."""
+    """The record of one cache key on one machine (`runtime`: "plain" or "cuda_graph", for the speed gate)."""
 
-    def __init__(self, cache: EngineCache, key: str, device: torch.device) -> None:
+    def __init__(self, cache: EngineCache, key: str, device: torch.device, runtime: str = "plain") -> None:
         self._cache, self._key = cache, key
+        self._speed = "speed" if runtime == "plain" else f"speed_{runtime}"
         self.machine = machine_id(device.type, device.index)
         record = cache.read_record(RECORD, key) or {}
         machines = record.get("machines")
@@ -84,8 +86,9 @@ class Verdicts:
 
     @property
     def speed(self) -> dict[str, Any] | None:
-        """The recorded measurement (`engine_s`, `pytorch_s`, `serve`), or None when not measured here yet."""
-        speed = self._mine.get("speed")
+        """The recorded measurement (`engine_s`, `pytorch_s`, `serve`), or None when not measured here yet (with
+        this runtime)."""
+        speed = self._mine.get(self._speed)
         return speed if isinstance(speed, dict) and isinstance(speed.get("serve"), bool) else None
 
     def validated(self, fingerprint: str) -> bool:
@@ -115,7 +118,7 @@ class Verdicts:
     def record_speed(self, engine_s: float, pytorch_s: float, min_speedup: float) -> bool:
         """Record a measurement; returns whether the engine serves (PyTorch takes >= min_speedup × its time)."""
         serve = pytorch_s >= min_speedup * engine_s
-        self._mine["speed"] = {"engine_s": engine_s, "pytorch_s": pytorch_s, "min_speedup": min_speedup,
+        self._mine[self._speed] = {"engine_s": engine_s, "pytorch_s": pytorch_s, "min_speedup": min_speedup,
                                "serve": serve, "time": time.time()}
         self._save()
         return serve
