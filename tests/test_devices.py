@@ -405,3 +405,24 @@ def test_a_non_persistent_buffer_updated_in_place_reaches_every_replica():
         net.gain.mul_(3.0)
         out = net(x)
     torch.testing.assert_close(out, reference(net, x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_split_call_checks_the_original_once(net, monkeypatch):
+    """The set's check of the original vouches for the owner's share, and the copies' private modules are not
+    checked at all: one Stamp comparison per warm split call (it was three), and an in-place update still reaches
+    both shares."""
+    from monai_trt.runtime import stamps
+
+    x = batch(4)
+    with torch.no_grad():
+        net(x), net(x)
+    compared = []
+    real = stamps.Stamp.changed
+    monkeypatch.setattr(stamps.Stamp, "changed", lambda self, *a, **k: compared.append(self) or real(self, *a, **k))
+    with torch.no_grad():
+        net(x)
+    assert len(compared) == 1
+    with torch.no_grad():
+        next(net.parameters()).mul_(0.5)
+        out = net(x)
+    torch.testing.assert_close(out, reference(net, x), rtol=1e-4, atol=1e-5)

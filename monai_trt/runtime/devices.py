@@ -15,7 +15,9 @@ Replicas:
   plain path checks its module. In-place tensor updates are copied into the copies (their wrappers then refit or
   re-key as for any weights change); changed structure or attributes, or names/shapes/dtypes, make them again; a
   content change behind the version counters (read after the shares are queued) updates the copies and answers
-  the call again.
+  the call again. One check per call: the owner's own share skips its own check of the original when this one found
+  nothing (the set vouches for it, :meth:`ReplicaSet.vouches_for`), and the copies' wrappers never check their
+  private modules (the set refreshes their fingerprints whenever it changes them).
 
 Threads and streams: the caller's thread first queues the copies of the other shares' inputs (on its current
 stream, ahead of its own work), then hands each share to its replica's worker thread (one per device, so one
@@ -217,14 +219,15 @@ class ReplicaSet:
         leaves, spec = pytree.tree_flatten((args, kwargs))
         first = next((t for t in leaves if isinstance(t, torch.Tensor) and t.dim() >= 1), None)
         deferred: list[tuple[Stamp, list[Pending]]] = []  # the original's content check, read after the shares
-        replicas = [r for r in self._ready(deferred) if r.failed is None] if first is not None else []
+        replicas, unchanged = self._ready(deferred) if first is not None else ([], False)
+        replicas = [r for r in replicas if r.failed is None]
         if first is None or first.shape[0] == 0 or not replicas:
             return self._own_call(args, kwargs, None)
         batch, caller = first.shape[0], first.device
         sizes = split_sizes(batch, len(replicas))
         count = len(sizes)
         if count == 1 and replicas[0].own:  # one share, on the caller's side: the plain path
-            return self._own_call(args, kwargs, replicas[0])
+            return self._checked_own_call(args, kwargs, replicas[0], unchanged, deferred)
         shares, start = [], 0
         for size in sizes:
             cut = [t.narrow(0, start, size) if _batched(t, batch) else t for t in leaves]
@@ -249,11 +252,11 @@ class ReplicaSet:
                     futures[i] = replicas[i].submit(self._serve_copy, replicas[i], moved[i], state, caller)
                 for i in range(count):
                     if replicas[i].own:
-                        results[i] = self._own_call(*shares[i], replicas[i])
+                        results[i] = self._own_call(*shares[i], replicas[i], vouch=unchanged)
             else:  # the first call runs the shares one after another: one replica builds, the others then load
                 for i in range(count):
                     if replicas[i].own:
-                        results[i] = self._own_call(*shares[i], replicas[i])
+                        results[i] = self._own_call(*shares[i], replicas[i], vouch=unchanged)
                     elif i in moved:
                         futures[i] = replicas[i].submit(self._serve_copy, replicas[i], moved[i], state, caller)
                         concurrent.futures.wait([futures[i]])
@@ -264,7 +267,7 @@ class ReplicaSet:
         for i, future in sorted(futures.items()):
             results[i] = self._collect(replicas[i], future, shares[i], caller)
         changed = content_change(deferred)
-        if changed is not None and moved:  # the copies answered with weights the original no longer has
+        if changed is not None:  # the copies (and the own share, vouched for) answered with the old weights
             self._sync(changed[1])
             if retry:
                 return self._split_call(args, kwargs, retry=False)
@@ -280,14 +283,27 @@ class ReplicaSet:
                    self.label, why)
         return self._own_call(args, kwargs, None)
 
-    def _own_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], replica: _Replica | None) -> Any:
-        """The owner answers (a share of) the call in this thread, on the plain path."""
+    def _checked_own_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], replica: _Replica, unchanged: bool,
+                          deferred: list[tuple[Stamp, list[Pending]]]) -> Any:
+        """The whole call on the owner's side, vouched for by this call's check when it found nothing so far; its
+        deferred content check is read before the answer is used."""
+        result = self._own_call(args, kwargs, replica, vouch=unchanged)
+        changed = content_change(deferred)
+        if changed is None:
+            return result
+        self._sync(changed[1])
+        return self._own_call(args, kwargs, replica)
+
+    def _own_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], replica: _Replica | None,
+                  vouch: bool = False) -> Any:
+        """The owner answers (a share of) the call in this thread, on the plain path. `vouch`: this call's check of
+        the original found it unchanged, so the owner's own per-call check is skipped (:meth:`vouches_for`)."""
         before = dict(self.owner.calls)
-        self._local.inside = True
+        self._local.inside, self._local.vouched = True, vouch
         try:
             return self.owner(*args, **kwargs)
         finally:
-            self._local.inside = False
+            self._local.inside, self._local.vouched = False, False
             if replica is not None:
                 self._count(replica, {k: self.owner.calls[k] - before.get(k, 0) for k in before}, add=False)
 
@@ -351,18 +367,30 @@ class ReplicaSet:
             if add:
                 self.owner.calls[kind] = self.owner.calls.get(kind, 0) + n
 
+    def vouches_for(self, wrapper: Any) -> bool:
+        """Whether `wrapper` may skip its per-call check of its module: always for a copy's wrapper (the copy is
+        private; :meth:`_sync` and :meth:`_ready` refresh its fingerprints when they change it); for the owner, only
+        inside its own share of a call whose check of the original found no change (a content change found later
+        makes the call answer again, with the owner refreshed)."""
+        if wrapper is self.owner:
+            return getattr(self._local, "vouched", False)
+        return any(r.serve is wrapper for r in self._replicas or ())
+
     # ------------------------------------------------------------------ replicas and their weights
-    def _ready(self, deferred: list[tuple[Stamp, list[Pending]]]) -> list[_Replica]:
-        """The replicas, made on the first call, with the copies brought up to the original's weights and mode.
+    def _ready(self, deferred: list[tuple[Stamp, list[Pending]]]) -> tuple[list[_Replica], bool]:
+        """The replicas, made on the first call, with the copies brought up to the original's weights and mode; and
+        whether the original was found unchanged (so far: its content check may be pending in `deferred`).
 
         The original is checked as the owner's wrapper checks its module on every call (:class:`Stamp`): changed
         structure or attributes make the copies again, in-place updates copy the tensors over; a write behind the
         version counters shows in the content check, which goes to `deferred` (read once the shares are queued)."""
         device = module_device(self.owner.module)
+        unchanged = False
         if self._replicas is None or device != self._own_device:
             self._make(device)
         elif self._original is not None:
             why = self._original.changed(deferred)
+            unchanged = why is None
             if why == IN_PLACE:
                 self._sync(why)
             elif why is not None:
@@ -372,7 +400,8 @@ class ReplicaSet:
         for replica in self._replicas:
             if replica.module is not None and replica.module.training != training:
                 replica.module.train(training)
-        return self._replicas
+                replica.serve.engine_set.refresh()
+        return self._replicas, unchanged
 
     def _make(self, own_device: torch.device) -> None:
         self.close()
@@ -401,6 +430,7 @@ class ReplicaSet:
             else:  # a forward installed on the instance before monai_trt: bound to the copy
                 clone.__dict__["forward"] = copy.deepcopy(previous, memo)
         wrapper = self.factory(clone, dataclasses.replace(self.owner.spec, devices=None))
+        wrapper.checked_by = self  # the copy changes only through this set (see vouches_for)
         for holder in (wrapper, getattr(wrapper, "engine_set", None)):
             if holder is not None and isinstance(getattr(holder, "label", None), str):
                 holder.label = f"{holder.label} on {device}"
@@ -428,6 +458,8 @@ class ReplicaSet:
             with torch.inference_mode(False), torch.no_grad():
                 for name, tensor in source.items():
                     target[name].detach().copy_(tensor.detach())
+            replica.serve.engine_set.refresh()
+        self.owner.engine_set.refresh()  # its own share may have been vouched for with the old weights
         logger.info("%s: weights changed (%s); the copies on %s follow", self.label, why,
                     [str(r.device) for r in self._replicas if not r.own])
         self._original = Stamp(self.owner.module)

@@ -149,13 +149,14 @@ class EngineSet:
     # ------------------------------------------------------------------ serving
     def engine_for(
         self, call: CapturedCall, reference: Reference, autocast: AutocastMode,
-        deferred: list[Any] | None = None,
+        deferred: list[Any] | None = None, module_checked: bool = False,
     ) -> LoadedEngine | None:
         """A loaded, validated engine for `call` for the module as it is now, or None (run PyTorch).
 
-        `deferred`: see :meth:`ModuleState.current`; the caller then runs the engine and calls :meth:`confirm`
-        before it uses the outputs."""
-        current = self._state.current(deferred) if self._state is not None else None  # the per-call check (README)
+        `deferred`, `module_checked` (as `checked`): see :meth:`ModuleState.current`; with `deferred` the caller
+        then runs the engine and calls :meth:`confirm` before it uses the outputs."""
+        current = (self._state.current(deferred, checked=module_checked)  # the per-call check (README)
+                   if self._state is not None else None)
         for loaded in self.by_layout.get(call.layout, ()):
             if loaded.accepts(call.shapes) and loaded.fingerprint == current:
                 if not loaded.serve:

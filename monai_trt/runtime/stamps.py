@@ -289,14 +289,21 @@ class ModuleState:
         """Re-fingerprint and re-hash everything on the next :meth:`current`, whatever the stamp says."""
         self._full = True
 
-    def current(self, deferred: list[tuple[Stamp, list[Pending]]] | None = None) -> tuple[str, str]:
+    def current(self, deferred: list[tuple[Stamp, list[Pending]]] | None = None, checked: bool = False
+                ) -> tuple[str, str]:
         """(architecture, weights) digests of the module now; recomputed only when the per-call stamp changed.
+
+        `checked`: the caller vouches that the module is as it was when these digests were last computed (it has
+        just compared it with its own stamp, or it is a private copy only the caller changes, and the caller calls
+        :meth:`refresh` whenever it does): the stamp is not compared again; a pending refresh still recomputes.
 
         With `deferred` (a list, filled here), the digests returned are provisional until :meth:`confirm`
         says the content checksum agreed: the caller may enqueue GPU work meanwhile, but must not use its result
         before confirming. This keeps the per-call check from draining the CUDA queue before every engine call."""
         stamp = self._stamp
         if stamp is not None and not self._full:
+            if checked:
+                return self._digests
             why = stamp.changed(deferred)
             if why is None:
                 return self._digests

@@ -114,6 +114,7 @@ class EngineWrapper:
         self._training_layers: list[tuple[str, nn.Module]] | None = None
         self._noted_training = False
         self.replicas = ReplicaSet.create(self, EngineWrapper) if spec.devices is not None else None
+        self.checked_by = self.replicas  # who may vouch that the module is unchanged (a copy's: the owner's set)
 
     @property
     def engines(self) -> dict[Any, list[LoadedEngine]]:
@@ -142,7 +143,8 @@ class EngineWrapper:
         try:
             reference = _Reference(self.original, args, kwargs)
             deferred: list[Any] = []  # the per-call content check, read once the engine's work is enqueued
-            loaded = self.engine_set.engine_for(call, reference, autocast, deferred)
+            vouched = self.checked_by is not None and self.checked_by.vouches_for(self)  # see runtime/devices.py
+            loaded = self.engine_set.engine_for(call, reference, autocast, deferred, module_checked=vouched)
             output_types = self._output_types_for(call, reference, loaded) if loaded is not None else None
             if loaded is None or output_types is None:
                 return self._pytorch(args, kwargs)
