@@ -14,8 +14,8 @@ pack() { (cd "$out" && find . -type f \( -name '*.json' -o -name '*.md' -o -name
 now() { date +%s.%N; }
 since() { python3 -c "print(round($(now) - $1, 1))"; }
 
-timeout 200 python3 benchmarks/multi_gpu.py --out "$out/mg" --cache /tmp/mgcache --rounds 5 --cuda_graph --trace \
-  --budget 165 --no_eager --modes plain_sw8_graph,devices2_sw16_graph,devices2_sw8_graph > "$out/mg.log" 2>&1
+timeout 190 python3 benchmarks/multi_gpu.py --out "$out/mg" --cache /tmp/mgcache --rounds 5 --cuda_graph --trace \
+  --budget 150 --no_eager --modes plain_sw8_graph,devices2_sw16_graph,devices2_sw8_graph > "$out/mg.log" 2>&1
 echo "multi_gpu rc=$?" >> "$summary"; pack
 
 b=bundles/swin_unetr_btcv_segmentation
@@ -23,7 +23,7 @@ one="['$b/configs/inference.json','$b/configs/inference_trt.json']"
 ddp="['$b/configs/inference.json','$b/configs/inference_trt.json','$b/configs/multi_gpu_inference.json']"
 (cd $b && python3 -c "from scripts.data import ensure_dataset; ensure_dataset('/tmp/swin_data', 8)")
 args=(--bundle_root "$b" --dataset_dir /tmp/swin_data --num_volumes 8)
-for step in ddp_cold:190 ddp_warm:70 one_warm:80; do
+for step in ddp_cold:175 ddp_warm:60 one_warm:70; do
   name=${step%%:*}; limit=${step##*:}; s=$(now)
   if [[ $name == ddp* ]]; then
     MONAI_TRT_CACHE=/tmp/swin_cache timeout "$limit" torchrun --standalone --nproc_per_node 2 -m monai.bundle run \
