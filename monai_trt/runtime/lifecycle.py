@@ -215,7 +215,7 @@ class EngineSet:
                 raise BackendUnavailable(f"method '{backend.name}' does not support precision {self.spec.precision}")
             if self.spec.refit not in backend.refit_modes:
                 raise BackendUnavailable(f"method '{backend.name}' does not support refit '{self.spec.refit}'")
-            if self.spec.use_cuda_graph and not (backend.cuda_graphs and device.type == "cuda"):
+            if self.spec.use_cuda_graph and not self._graphs(backend, device):
                 logger.warning("%s: use_cuda_graph has no effect with method '%s' on %s (aoti and TensorRT engines "
                                "on CUDA only)", self.label, backend.name, device.type)
             args = merge_build_args(backend, self.spec.build_args, strict=self.spec.method != "auto")

@@ -119,7 +119,7 @@ class Verdicts:
         """Record a measurement; returns whether the engine serves (PyTorch takes >= min_speedup × its time)."""
         serve = pytorch_s >= min_speedup * engine_s
         self._mine[self._speed] = {"engine_s": engine_s, "pytorch_s": pytorch_s, "min_speedup": min_speedup,
-                               "serve": serve, "time": time.time()}
+                                   "serve": serve, "time": time.time()}
         self._save()
         return serve
 
