@@ -11,7 +11,10 @@ Variants (`--variants`, comma separated):
   (levers: see `LEVERS`), e.g. `dynamic+act+o0`.
 
 `--fresh_inductor` builds each variant in an empty Inductor/Triton cache (cold build times); `--profile` writes a
-cProfile summary of each variant's first call (export + build + validation) to `<out>/profile_<variant>.txt`.
+cProfile summary of each variant's first call (export + build + validation) to `<out>/profile_<variant>.txt`. Each
+variant's row also has Inductor's own section timers (`inductor_phases_s`); for wall time without cProfile's
+overhead, run the script under `py-spy record --idle --threads --format raw` and read it with
+`benchmarks/pyspy_summary.py`.
 
 Build time is split into torch.export and AOTInductor compile by timing those two calls.
 
@@ -46,6 +49,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "act": {"triton.autotune_at_compile_time": True},  # one codegen pass instead of a Python pass + a C++ pass
     "o0": {"aot_inductor.compile_wrapper_opt_level": "O0"},  # the C++ wrapper compiled without optimisation
     "nopw": {"triton.autotune_pointwise": False},  # pointwise kernels take a heuristic config, no benchmarking
+    "nofreeze": {"freezing": False},  # weights stay graph inputs: no constant folding at build
 }
 
 
@@ -73,6 +77,12 @@ def network(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
     net = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64, 128), strides=(2, 2, 2),
                num_res_units=2, norm="batch")
     return net, (4, 1, 64, 64, 64)
+
+
+def inductor_phases(threshold_s: float = 0.5) -> dict[str, float]:
+    """Inductor's own timers (`dynamo_timed` sections) that took at least `threshold_s`, summed per section."""
+    totals = {k: sum(v) for k, v in torch._dynamo.utils.compilation_time_metrics.items()}
+    return {k: round(v, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v >= threshold_s}
 
 
 def per_call_ms(fn: Callable[[], Any], calls: int) -> float:
@@ -158,6 +168,7 @@ def measure_variant(
     monai_trt.apply(net, [variant_entry(variant, shape[0], cache)], name=variant)
     wrapper = monai_trt.wrappers(net)[""]
     PHASES.clear()
+    torch._dynamo.utils.compilation_time_metrics.clear()
     row: dict[str, Any] = {}
     with torch.inference_mode():
         start = time.perf_counter()
@@ -166,6 +177,7 @@ def measure_variant(
             torch.cuda.synchronize()
         row["first_call_s"] = round(time.perf_counter() - start, 1)
         row["phases_s"] = {k: round(v, 1) for k, v in PHASES.items()}
+        row["inductor_phases_s"] = inductor_phases()
         row["max_abs_err_vs_fp32"] = float((first.float() - reference).abs().max())
         runs = [net(x).float() for _ in range(10)]  # same input: an engine must answer the same every time
         row["nonfinite_runs_of_10"] = sum(int(not bool(torch.isfinite(r).all())) for r in runs)
