@@ -20,8 +20,10 @@ fi
 profiled() {  # profiled NAME LIMIT_S command...
   local name=$1 limit=$2; shift 2
   if (( use_spy )); then
-    "$spy" record --idle --threads --format raw --rate 20 -o "$out/$name.pyspy.txt" -- timeout "$limit" "$@" \
+    # py-spy must start python itself; at the limit it gets SIGINT (writes its samples), then the child is killed
+    timeout -s INT "$limit" "$spy" record --idle --threads --format raw --rate 20 -o "$out/$name.pyspy.txt" -- "$@" \
       > "$out/$name.log" 2>&1
+    pkill -f aoti_levers.py
     python3 benchmarks/pyspy_summary.py "$out/$name.pyspy.txt" --top 90 > "$out/$name.pyspy_summary.txt" 2>&1
   else
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
