@@ -22,13 +22,13 @@ profiled() {  # profiled NAME LIMIT_S command...
   if (( use_spy )); then
     # py-spy must start python itself; at the limit it gets SIGINT (writes its samples), then the child is killed
     timeout -s INT "$limit" "$spy" record --idle --threads --format raw --rate 20 -o "$out/$name.pyspy.txt" -- "$@" \
-      > "$out/$name.log" 2>&1
+      > "$out/$name.log" 2>&1; rc=$?
     pkill -f aoti_levers.py
     python3 benchmarks/pyspy_summary.py "$out/$name.pyspy.txt" --top 90 > "$out/$name.pyspy_summary.txt" 2>&1
   else
-    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1; rc=$?
   fi
-  echo "$name rc=$?" >> "$summary"; pack
+  echo "$name rc=$rc" >> "$summary"; pack
 }
 levers=(python3 benchmarks/aoti_levers.py --fresh_inductor --calls 10)
 profiled w1_dynamic 240 "${levers[@]}" "$out/w1_dynamic" --network w1 --variants dynamic --cache /tmp/lc1
