@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 
@@ -83,4 +84,91 @@ def test_a_real_load_goes_through_the_bypass(tmp_path, monkeypatch):
     before = getattr(aoti_isa._local, "skipped", 0)
     runner = load_package(path, -1)
     assert getattr(aoti_isa._local, "skipped", 0) > before, "the loader did not ask for device information through us"
+    torch.testing.assert_close(runner(x), model(x))
+
+
+@pytest.fixture
+def unprobed_isa(monkeypatch):
+    """Inductor's own ISA list, never computed in this process and raising if it is: any probe is caught."""
+    assert aoti_isa.build_bypass_status() == "installed"
+    calls = []
+
+    @functools.cache
+    def valid_vec_isa_list():
+        calls.append(threading.current_thread().name)
+        raise _ProbeCalled()
+
+    monkeypatch.setattr(aoti_isa, "_real_isa_list", valid_vec_isa_list)
+    return calls
+
+
+def test_a_gpu_build_answers_without_the_probe_on_its_own_thread_only(unprobed_isa):
+    assert getattr(cpu_vec_isa.valid_vec_isa_list, "_monai_trt_isa_bypass", False)
+    with aoti_isa.gpu_build_probe_skipped() as active:
+        assert active
+        assert not cpu_vec_isa.pick_vec_isa(), "no ISA known in this process: the build gets none"
+        assert "AOTI_CPU_ISA" not in codecache.get_device_information("cpu"), "the package records no CPU ISA"
+        worker = threading.Thread(target=lambda: pytest.raises(_ProbeCalled, cpu_vec_isa.valid_vec_isa_list),
+                                  name="compile-elsewhere")
+        worker.start()
+        worker.join()
+    assert unprobed_isa == ["compile-elsewhere"], "only the other thread may run the probe"
+    with pytest.raises(_ProbeCalled):
+        cpu_vec_isa.pick_vec_isa()  # after the block: torch's own behaviour
+
+
+def test_a_gpu_build_uses_the_isa_this_process_already_knows(monkeypatch):
+    known = cpu_vec_isa.VecAVX2()
+
+    @functools.cache
+    def valid_vec_isa_list():
+        return [known]
+
+    valid_vec_isa_list()  # probed before: asking again is free
+    monkeypatch.setattr(aoti_isa, "_real_isa_list", valid_vec_isa_list)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    with aoti_isa.gpu_build_probe_skipped():
+        assert cpu_vec_isa.pick_vec_isa() is known
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_aoti_builds_skip_the_probe_and_autotune_in_one_pass_on_cuda_only(device, monkeypatch, tmp_path):
+    """The backend's build, with export and Inductor replaced: what it asks Inductor for, per device."""
+    from types import SimpleNamespace
+
+    from monai_trt.backends import aoti
+
+    seen = {}
+
+    def compile_and_package(program, package_path, inductor_configs):
+        seen["configs"] = inductor_configs
+        seen["answer"] = getattr(aoti_isa._local, "isa_list", None)
+
+    monkeypatch.setattr(aoti, "export_program", lambda job: "program")
+    monkeypatch.setattr(aoti, "_inductor", lambda: SimpleNamespace(aoti_compile_and_package=compile_and_package))
+    backend = aoti.AotiBackend()
+    job = SimpleNamespace(device=torch.device(device), label="net", refit="none",
+                          build_args={**backend.default_build_args, "inductor_configs": {"max_autotune": True}})
+    assert backend.build(job, tmp_path) == [aoti.ARTIFACT]
+    configs = seen["configs"]
+    assert configs["max_autotune"] is True and configs["triton.autotune_pointwise"] is False
+    if device == "cuda":
+        assert configs["triton.autotune_at_compile_time"] is True
+        assert seen["answer"] is not None, "a CUDA build must not run the probe"
+    else:
+        assert "triton.autotune_at_compile_time" not in configs
+        assert seen["answer"] is None, "a CPU build keeps the probe: its kernels are vectorised"
+
+
+@pytest.mark.slow
+def test_cpu_kernels_compiled_without_the_isa_answer_right(unprobed_isa, tmp_path):
+    """A graph's CPU kernels built inside the block: code generation and compile flags agree on 'no ISA'."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(3, 8, 3), torch.nn.GELU(), torch.nn.Softmax(-1)).eval()
+    x = torch.randn(2, 3, 37)
+    path = tmp_path / "scalar.pt2"
+    with aoti_isa.gpu_build_probe_skipped():
+        torch._inductor.aoti_compile_and_package(torch.export.export(model, (x,)), package_path=str(path))
+    assert not unprobed_isa
+    runner = load_package(path, -1)
     torch.testing.assert_close(runner(x), model(x))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
@@ -10,7 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from monai_trt.backends.aoti_isa import probe_skipped
+from monai_trt.backends.aoti_isa import gpu_build_probe_skipped, probe_skipped
 from monai_trt.backends.base import UNREFITTED, BuildJob, CallableEngine, Engine, require_weights
 from monai_trt.backends.cuda_graph import GraphedEngine
 from monai_trt.errors import EngineBuildError
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 ARTIFACT = "engine.pt2"
 CONSTANTS = "constants.pt"  # graph constants that are not weights (refit modes only)
 _FOLDED = "_FOLDED_CONST_"  # constants AOTInductor derives from weights at load (runtime constant folding)
+_ONE_PASS = {"triton.autotune_at_compile_time": True}  # CUDA: kernels autotuned while the C++ wrapper is generated
 
 
 def _inductor():
@@ -41,7 +43,11 @@ def load_package(path: Path, device_index: int, single_threaded: bool = False) -
 
 
 class AotiBackend:
-    """AOTInductor engines. `build_args` are Inductor options (`max_autotune`, `coordinate_descent_tuning`...)."""
+    """AOTInductor engines. `build_args` are Inductor options (`max_autotune`, `coordinate_descent_tuning`...).
+
+    CUDA builds autotune Triton kernels in one code-generation pass (Inductor's `triton.autotune_at_compile_time`)
+    instead of generating, compiling and running a Python wrapper first, and skip the CPU vector-ISA probe
+    (:mod:`.aoti_isa`); `inductor_configs` can set any Inductor option back."""
 
     name: ClassVar[str] = "aoti"
     multi_profile: ClassVar[bool] = False
@@ -52,6 +58,7 @@ class AotiBackend:
         "max_autotune": False,
         "coordinate_descent_tuning": False,
         "freezing": True,  # constant-folds baked-in weights, lets Inductor pick conv layouts (off for refit modes)
+        "autotune_pointwise": False,  # True: benchmark several configs per pointwise Triton kernel (slower build)
         "inductor_configs": {},
     }
 
@@ -87,6 +94,8 @@ class AotiBackend:
             "max_autotune": job.build_args["max_autotune"],
             "coordinate_descent_tuning": job.build_args["coordinate_descent_tuning"],
             "freezing": job.build_args["freezing"],
+            "triton.autotune_pointwise": job.build_args["autotune_pointwise"],
+            **(_ONE_PASS if job.device.type == "cuda" else {}),
             **dict(job.build_args["inductor_configs"]),
         }
         artifacts = [ARTIFACT]
@@ -104,7 +113,10 @@ class AotiBackend:
             if constants:
                 torch.save(constants, out_dir / CONSTANTS)
                 artifacts.append(CONSTANTS)
-        _inductor().aoti_compile_and_package(program, package_path=str(out_dir / ARTIFACT), inductor_configs=configs)
+        no_probe = gpu_build_probe_skipped() if job.device.type == "cuda" else contextlib.nullcontext()
+        with no_probe:
+            _inductor().aoti_compile_and_package(program, package_path=str(out_dir / ARTIFACT),
+                                                 inductor_configs=configs)
         return artifacts
 
     def load(
