@@ -17,13 +17,14 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
+from monai_trt.backends.cuda_graph import capture_cuda_graph
 from monai_trt.runtime.fingerprint import (
     MODULE_BOOKKEEPING,
     architecture_fingerprint,
@@ -105,24 +106,48 @@ class ContentCheck:
         self._large = list(large.values())
         self._exact = {device: _Bytes(group) for device, group in exact.items()}
         self._cpu_copy = _joined(self._cpu_exact)
+        self._devices = list(dict.fromkeys([*(group[0].device for group in self._large), *self._exact]))
+        self._launches = 0
+        self._graphs: dict[torch.device, _GraphedCheck | None] = {}  # None: that device's check runs eagerly
 
     def launch(self) -> list[Pending]:
         """Start computing the check (asynchronously on CUDA): one int64 result per device, for :meth:`read`.
 
         On CUDA the result is copied to pinned host memory behind an event, so that reading it waits for the check's
-        own kernels only, not for work the caller enqueues after it (an engine call)."""
-        parts: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-        for group in self._large:
-            norms = torch._foreach_norm(group, 2, dtype=torch.float32 if group[0].element_size() < 4 else None)
-            stats = torch.stack([*norms, *torch._foreach_max(group)]).to(torch.float64)
-            parts[group[0].device].append(stats.view(torch.int64))
-        for device, exact in self._exact.items():
-            parts[device].append(exact.changed().view(1).to(torch.int64))
+        own kernels only, not for work the caller enqueues after it (an engine call). From the
+        :data:`GRAPH_AFTER`-th launch on, a CUDA device's check kernels replay as one CUDA graph
+        (:class:`_GraphedCheck`) instead of a dozen launches from Python."""
+        self._launches += 1
+        pending = []
+        for device in self._devices:
+            graphed = self._graphed(device) if device.type == "cuda" else None
+            pending.append(graphed() if graphed is not None else _to_host(self._device_part(device)))
         if self._cpu_large or self._cpu_exact:
             stats = [float(v) for a in self._cpu_large for v in (a.sum(), a.max())]
             stats.append(float(_joined(self._cpu_exact) != self._cpu_copy))
-            parts[torch.device("cpu")].append(torch.tensor(stats, dtype=torch.float64).view(torch.int64))
-        return [_to_host(torch.cat(found) if len(found) > 1 else found[0]) for found in parts.values()]
+            pending.append(_to_host(torch.tensor(stats, dtype=torch.float64).view(torch.int64)))
+        return pending
+
+    def _device_part(self, device: torch.device) -> torch.Tensor:
+        """The check of one device's tensors, computed eagerly: statistics of the large ones, then whether any small
+        one's bytes changed."""
+        found = []
+        for group in self._large:
+            if group[0].device == device:
+                norms = torch._foreach_norm(group, 2, dtype=torch.float32 if group[0].element_size() < 4 else None)
+                stats = torch.stack([*norms, *torch._foreach_max(group)]).to(torch.float64)
+                found.append(stats.view(torch.int64))
+        exact = self._exact.get(device)
+        if exact is not None:
+            found.append(exact.changed().view(1).to(torch.int64))
+        return torch.cat(found) if len(found) > 1 else found[0]
+
+    def _graphed(self, device: torch.device) -> _GraphedCheck | None:
+        if device not in self._graphs:
+            if self._launches < GRAPH_AFTER:  # a stamp that lives a few calls only is not worth a capture
+                return None
+            self._graphs[device] = _GraphedCheck.capture(lambda: self._device_part(device), device)
+        return self._graphs[device]
 
     def values(self) -> tuple[torch.Tensor, ...]:
         """The check's result on the host (compared bit for bit with an earlier one)."""
@@ -138,6 +163,51 @@ class ContentCheck:
 
 
 Pending = tuple[torch.Tensor, "torch.cuda.Event | None"]  # a check result on (or on its way to) the host
+GRAPH_AFTER = 3  # launches of one stamp's check before its CUDA part is captured as a graph
+
+
+class _GraphedCheck:
+    """One CUDA device's check kernels captured as a CUDA graph: each call replays it (one launch) and copies the
+    result to the host.
+
+    The graph reads the tensors at the addresses they had at capture; their stamp keeps them alive, and any storage
+    swap shows in the stamp's data pointers, which :meth:`Stamp.changed` compares before it trusts a checksum.
+    Replays of one graph are ordered one after the other (each waits for the previous one's copy), whichever stream
+    the calling thread uses, so a copy never reads a result another thread's replay is overwriting.
+    """
+
+    def __init__(self, replay: Callable[[], None], result: torch.Tensor, device: torch.device) -> None:
+        self._replay = replay
+        self._result = result
+        self._device = device
+        self._lock = threading.Lock()
+        self._done: torch.cuda.Event | None = None
+
+    @classmethod
+    def capture(cls, compute: Callable[[], torch.Tensor], device: torch.device) -> _GraphedCheck | None:
+        """Capture `compute()`, replay it once and keep it only if the replay equals an eager run (else None: that
+        device's check stays eager, with a debug line saying why)."""
+        try:
+            eager = compute()
+            replay, (result,) = capture_cuda_graph(lambda: [compute()], None, device)
+            with torch.cuda.device(device):
+                replay()
+            if not torch.equal(result, eager):
+                logger.debug("the module check on %s stays eager: its graph replay differs from an eager run", device)
+                return None
+        except Exception as err:  # noqa: BLE001 - an optimisation: the eager check is always there
+            logger.debug("the module check on %s stays eager: capture failed (%s: %s)", device, type(err).__name__, err)
+            return None
+        return cls(replay, result, device)
+
+    def __call__(self) -> Pending:
+        with self._lock, torch.cuda.device(self._device):
+            stream = torch.cuda.current_stream(self._device)
+            if self._done is not None:
+                stream.wait_event(self._done)
+            self._replay()
+            host, self._done = _to_host(self._result)
+        return host, self._done
 
 
 def _to_host(part: torch.Tensor) -> Pending:
@@ -241,7 +311,6 @@ class Stamp:
 
         With `deferred`, the content checksum is not awaited: `(self, pending)` is appended for
         :meth:`content_changed`, which the caller must consult before it uses what it computed meanwhile."""
-        pending = self._content.launch()  # on CUDA its kernels run while the host checks the tree
         ids = _ids(_tree(self._modules))
         if ids != self._tree_ids:
             tree = _tree(self._modules)
@@ -254,6 +323,7 @@ class Stamp:
             return "attribute contents"
         if self._tensor_versions() != self._versions:
             return IN_PLACE
+        pending = self._content.launch()  # after the data pointers: a checksum of swapped storages means nothing
         if deferred is not None:
             deferred.append((self, pending))
             return None
