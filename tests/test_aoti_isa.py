@@ -59,7 +59,7 @@ def test_mismatching_torch_is_left_alone_with_one_warning(monkeypatch, caplog):
         return {"AOTI_PLATFORM": "x", "AOTI_NEW_FACT": "y"}
 
     monkeypatch.setattr(codecache, "get_device_information", get_device_information)
-    monkeypatch.setattr(aoti_isa, "_status", None)
+    monkeypatch.setattr(aoti_isa, "_statuses", {})
     with caplog.at_level(logging.WARNING, logger="monai_trt"):
         with aoti_isa.probe_skipped() as active:
             assert not active

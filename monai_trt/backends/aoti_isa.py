@@ -39,33 +39,27 @@ KNOWN_FACTS = frozenset({"AOTI_PLATFORM", "AOTI_MACHINE", "AOTI_CPU_ISA", "AOTI_
 _MARK = "_monai_trt_isa_bypass"
 _local = threading.local()
 _install_lock = threading.Lock()
-_status: str | None = None  # "installed", or why not
-_build_status: str | None = None  # the same for GPU builds
+_statuses: dict[str, str] = {}  # per path ("loads", "GPU builds"): "installed", or why not
 _real_isa_list: Callable[[], list] | None = None  # Inductor's own (cached) valid_vec_isa_list, once replaced
 
 
 def bypass_status() -> str:
     """"installed" when loads skip the probe, else the reason they do not (installs on first use)."""
-    global _status
-    with _install_lock:
-        if _status is None:
-            _status = _install()
-            if _status != "installed":
-                logger.warning("AOTInductor loads will run torch's CPU ISA probe (slow first load per process): %s",
-                               _status)
-        return _status
+    return _status("loads", _install, "slow first load per process")
 
 
 def build_bypass_status() -> str:
     """"installed" when GPU builds skip the probe, else the reason they do not (installs on first use)."""
-    global _build_status
+    return _status("GPU builds", _install_isa_list, "slower first build per process")
+
+
+def _status(path: str, install: Callable[[], str], cost: str) -> str:
     with _install_lock:
-        if _build_status is None:
-            _build_status = _install_isa_list()
-            if _build_status != "installed":
-                logger.warning("AOTInductor GPU builds will run torch's CPU ISA probe (slower first build per "
-                               "process): %s", _build_status)
-        return _build_status
+        if path not in _statuses:
+            _statuses[path] = install()
+            if _statuses[path] != "installed":
+                logger.warning("AOTInductor %s will run torch's CPU ISA probe (%s): %s", path, cost, _statuses[path])
+        return _statuses[path]
 
 
 @contextlib.contextmanager
