@@ -160,10 +160,7 @@ def _known_isa_list() -> list:
 def _per_thread_isa_list(real: Callable[[], list]) -> Callable[[], list]:
     def valid_vec_isa_list() -> list:
         answer = getattr(_local, "isa_list", None)
-        if answer is None:
-            return (_real_isa_list or real)()
-        _local.isa_answered = getattr(_local, "isa_answered", 0) + 1
-        return list(answer)
+        return _real_isa_list() if answer is None else list(answer)  # _real_isa_list: set before this is installed
 
     setattr(valid_vec_isa_list, _MARK, True)
     valid_vec_isa_list.__wrapped__ = real
