@@ -38,6 +38,37 @@ def test_structure_changes_are_still_reported_as_such():
     assert stamp.changed() == "structure or attributes"
 
 
+def test_a_deferred_walk_reports_structure_changes_when_read():
+    """Served calls walk the module tree after the engine is enqueued: the change shows when the check is read."""
+    net = _net()
+    stamp = Stamp(net)
+    net[0].weight = nn.Parameter(net[0].weight.detach() * 2)
+    deferred: list = []
+    assert stamp.changed(deferred, walk_later=True) is None  # nothing walked yet
+    assert stamps.content_change(deferred)[1] == "structure or attributes"
+    assert stamp.changed([]) == "structure or attributes"  # without walk_later the walk comes first
+
+
+def test_a_tensor_moved_to_another_table_is_seen():
+    """The walk compares one flat list of values by identity, and the size of every table: a tensor moved from the
+    parameters to the buffers leaves the flat list as it was."""
+    holder = nn.Module()
+    holder.weight = nn.Parameter(torch.ones(3))
+    stamp = Stamp(holder)
+    holder._buffers["weight"] = holder._parameters.pop("weight")
+    assert stamp.changed() == "structure or attributes"
+
+
+def test_equal_values_in_new_objects_are_not_a_change():
+    """torch.export copies tuple attributes: equal values in new objects keep the stamp (compared by identity after)."""
+    net = _net()
+    stamp = Stamp(net)
+    net[0].stride = tuple(list(net[0].stride))  # a new tuple object, equal to the old one
+    assert stamp.changed() is None
+    net[0].stride = (2, 2, 2)
+    assert stamp.changed() == "structure or attributes"
+
+
 def test_cpu_checks_never_capture(monkeypatch):
     net = _net()
     stamp = Stamp(net)

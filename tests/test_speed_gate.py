@@ -73,7 +73,7 @@ def test_a_faster_engine_serves_and_is_not_measured_again(monkeypatch):
     _run(net, x)
     assert monai_trt.wrappers(net)[""].calls == {"engine": 1, "pytorch": 0}
     timed = []
-    monkeypatch.setattr(lifecycle, "median_seconds", lambda *a, **k: timed.append(1) or 1.0)
+    monkeypatch.setattr(lifecycle, "per_call_seconds", lambda *a, **k: timed.append(1) or 1.0)
     _new_process()
     again = monai_trt.apply(_twin(net), [{**ORT, "min_speedup": 1e-6}])
     _run(again, x)
@@ -183,3 +183,29 @@ def test_the_speed_verdict_is_kept_per_runtime(cache_dir):
     assert Verdicts(cache, key, cpu, "cuda_graph").record_speed(0.0005, 0.001, 1.01) is True
     assert Verdicts(cache, key, cpu).speed["serve"] is False  # both kept
     assert Verdicts(cache, key, cpu, "cuda_graph").speed["serve"] is True
+
+
+def test_fast_calls_are_timed_back_to_back_and_slow_ones_one_per_round():
+    """A sliding window calls the network back to back: the gate times rounds of calls with one synchronisation each,
+    enough calls for a round of about 20 ms (a call taking >= 1 ms: at most 20 per round; 30 ms: one)."""
+    from monai_trt.runtime.verdicts import per_call_seconds
+
+    for seconds, fewest, most in ((0.001, 1 + 1 + 3 * 5, 1 + 1 + 3 * 20), (0.03, 5, 5)):
+        calls: list[int] = []
+        per_call = per_call_seconds(lambda s=seconds, c=calls: c.append(1) or time.sleep(s), torch.device("cpu"))
+        assert fewest <= len(calls) <= most and per_call >= seconds
+
+
+def test_a_speed_verdict_timed_another_way_is_measured_again(cache_dir):
+    """Verdicts recorded before calls were timed back to back (synchronised single calls: a small network's served
+    call looked slower than it serves in a sliding window) do not decide anything now."""
+    from monai_trt.runtime.verdicts import TIMING, Verdicts
+
+    cache, key, cpu = lifecycle.open_cache(cache_dir), "cd" * 32, torch.device("cpu")
+    verdicts = Verdicts(cache, key, cpu)
+    verdicts.record_speed(0.002, 0.001, 1.01)
+    record = verdicts._mine["speed"]
+    assert record["timing"] == TIMING and Verdicts(cache, key, cpu).speed["serve"] is False
+    del record["timing"]
+    verdicts._save()
+    assert Verdicts(cache, key, cpu).speed is None

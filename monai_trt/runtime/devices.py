@@ -53,7 +53,7 @@ from torch import nn
 from monai_trt.errors import BackendUnavailable, EngineBuildError
 from monai_trt.patch import PatchEntry
 from monai_trt.runtime.fingerprint import plain_tensor_attributes
-from monai_trt.runtime.stamps import IN_PLACE, Pending, Stamp, content_change
+from monai_trt.runtime.stamps import IN_PLACE, Deferred, Stamp, content_change
 from monai_trt.runtime.validate import compare_outputs
 
 __all__ = ["ReplicaSet", "plan_devices", "split_sizes", "CallerState", "module_device"]
@@ -218,7 +218,7 @@ class ReplicaSet:
     def _split_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], retry: bool = True) -> Any:
         leaves, spec = pytree.tree_flatten((args, kwargs))
         first = next((t for t in leaves if isinstance(t, torch.Tensor) and t.dim() >= 1), None)
-        deferred: list[tuple[Stamp, list[Pending]]] = []  # the original's content check, read after the shares
+        deferred: list[Deferred] = []  # the original's content check, read after the shares
         replicas, unchanged = self._ready(deferred) if first is not None else ([], False)
         replicas = [r for r in replicas if r.failed is None]
         if first is None or first.shape[0] == 0 or not replicas:
@@ -284,7 +284,7 @@ class ReplicaSet:
         return self._own_call(args, kwargs, None)
 
     def _checked_own_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], replica: _Replica, unchanged: bool,
-                          deferred: list[tuple[Stamp, list[Pending]]]) -> Any:
+                          deferred: list[Deferred]) -> Any:
         """The whole call on the owner's side, vouched for by this call's check when it found nothing so far; its
         deferred content check is read before the answer is used."""
         result = self._own_call(args, kwargs, replica, vouch=unchanged)
@@ -377,7 +377,7 @@ class ReplicaSet:
         return any(r.serve is wrapper for r in self._replicas or ())
 
     # ------------------------------------------------------------------ replicas and their weights
-    def _ready(self, deferred: list[tuple[Stamp, list[Pending]]]) -> tuple[list[_Replica], bool]:
+    def _ready(self, deferred: list[Deferred]) -> tuple[list[_Replica], bool]:
         """The replicas, made on the first call, with the copies brought up to the original's weights and mode; and
         whether the original was found unchanged (so far: its content check may be pending in `deferred`).
 

@@ -31,9 +31,9 @@ from monai_trt.patch import PatchEntry
 from monai_trt.runtime.calls import CapturedCall, dtype_name, engine_float_dtype
 from monai_trt.runtime.profiles import plan_profiles, profile_accepts
 from monai_trt.runtime.refit import REFIT_EXPORT_ARGS, engine_weights, graph_weights, is_refittable
-from monai_trt.runtime.stamps import ModuleState
+from monai_trt.runtime.stamps import GRAPH_AFTER, ModuleState
 from monai_trt.runtime.validate import compare_outputs
-from monai_trt.runtime.verdicts import Verdicts, median_seconds
+from monai_trt.runtime.verdicts import Verdicts, per_call_seconds
 
 __all__ = ["EngineSet", "LoadedEngine", "Reference", "AutocastMode", "autocast_mode", "open_cache", "no_autocast",
            "eval_mode"]
@@ -161,11 +161,11 @@ class EngineSet:
             if loaded.accepts(call.shapes) and loaded.fingerprint == current:
                 if not loaded.serve:
                     return None
-                if autocast not in loaded.checked_autocast and not self._settle(deferred):
+                if autocast not in loaded.checked_autocast and not self.settle(deferred):
                     return self.engine_for(call, reference, autocast)  # changed: validate with the module as it is
                 self._check_once(loaded, call, reference, autocast)
                 return loaded
-        if not self._settle(deferred):  # builds, loads and validations below work with final digests
+        if not self.settle(deferred):  # builds, loads and validations below work with final digests
             return self.engine_for(call, reference, autocast)
         with self._lock:
             if current is not None:
@@ -189,8 +189,8 @@ class EngineSet:
         """False when the module changed under a call that :meth:`engine_for` served with `deferred`."""
         return self._state is None or self._state.confirm(deferred)
 
-    def _settle(self, deferred: list[Any] | None) -> bool:
-        """Read a deferred content check now (it is then done); False when the module had changed."""
+    def settle(self, deferred: list[Any] | None) -> bool:
+        """Finish a deferred per-call check now (it is then done); False when the module had changed."""
         if not deferred:
             return True
         settled = self.confirm(deferred)
@@ -456,20 +456,25 @@ class EngineSet:
     def _time(
         self, loaded: LoadedEngine, call: CapturedCall, reference: Reference, autocast: AutocastMode
     ) -> tuple[float, float]:
-        """Median seconds of a served call and of PyTorch on this very call (the speed gate's measurement).
+        """Seconds per served call and per PyTorch forward on this very call, called back to back (the speed gate's
+        measurement; see :func:`~monai_trt.runtime.verdicts.per_call_seconds`).
 
-        A served call is what the wrapper pays besides capturing the inputs: the per-call check, the engine and the
-        casts of its outputs (on a small network the check alone can cost more than the engine)."""
+        A served call is what the wrapper pays besides capturing the inputs: the per-call check (deferred, as served
+        calls defer it), the engine and the casts of its outputs; on a small network the check alone can cost more
+        than the engine. The warm-up lets the check reach its CUDA graph (:data:`GRAPH_AFTER`)."""
         device = torch.device(call.layout.device)
 
-        def engine() -> None:
+        def served() -> None:
+            deferred: list[Any] = []
             if self._state is not None:
-                self._state.current()
+                self._state.current(deferred)
             with no_autocast(call.layout.device, autocast is not None):
                 outputs = loaded.run(call.tensors)
+            self.confirm(deferred)
             loaded.restore(outputs, autocast)
 
-        return median_seconds(engine, device), median_seconds(reference.rerun, device)
+        return (per_call_seconds(served, device, warmup=GRAPH_AFTER + 1),
+                per_call_seconds(reference.rerun, device, warmup=1))
 
     def _say_slower(self, cached: CacheEntry, speed: Mapping[str, Any] | None, remembered: bool) -> None:
         speed = speed or {}

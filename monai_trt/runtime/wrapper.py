@@ -145,12 +145,15 @@ class EngineWrapper:
             deferred: list[Any] = []  # the per-call content check, read once the engine's work is enqueued
             vouched = self.checked_by is not None and self.checked_by.vouches_for(self)  # see runtime/devices.py
             loaded = self.engine_set.engine_for(call, reference, autocast, deferred, module_checked=vouched)
+            if loaded is not None and call.output_key not in self._output_types and \
+                    not self.engine_set.settle(deferred):  # output types are learned of the module as it is now
+                return self(*args, **kwargs)
             output_types = self._output_types_for(call, reference, loaded) if loaded is not None else None
             if loaded is None or output_types is None:
                 return self._pytorch(args, kwargs)
             with no_autocast(call.layout.device, autocast is not None):
                 outputs = loaded.run(call.tensors)
-            if not self.engine_set.confirm(deferred):  # the weights changed unseen by version counters: answer anew
+            if not self.engine_set.confirm(deferred):  # the module had changed (the deferred check): answer anew
                 return self(*args, **kwargs)
             result = loaded.restore(outputs, autocast, lambda leaves: output_types.apply(leaves, call.inputs))
             self._served("engine")
