@@ -134,7 +134,7 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         peak = row.get("peak_mem_bytes")
         cells = [
             f"`{name}`", row.get("status", "?"), _num(_get(row, "network", "median_s"), ".1f", 1e3),
-            _num(sw, ".3f"), *(_speedup(ups.get(name, {}).get(k)) for k in ("vs_fp32", "vs_best_eager", "vs_compile")),
+            _num(sw, ".4g"), *(_speedup(ups.get(name, {}).get(k)) for k in ("vs_fp32", "vs_best_eager", "vs_compile")),
             _e2e(row), _metric(row), _build(row), _startup(row),
             _num(peak, ".2f", 1e-9), "ref" if name == "fp32" and row.get("status") == "ok" else _num(ref.get("dice"),
                                                                                                    ".4f"),
@@ -193,7 +193,7 @@ def write_markdown(results: Mapping[str, Any], path: Path) -> str:
 
     def ref(key: str) -> str:
         name = refs.get(key)
-        return f"`{name}`, {_seconds(rows[name]):.3f} s" if name else "not measured"
+        return f"`{name}`, {_seconds(rows[name]):.4g} s" if name else "not measured"
 
     columns = ("Columns: *network ms* = one forward at the window batch; *s / volume* = the inferer on one volume; "
                f"*vs fp32*, *vs best eager* (the fastest eager mode: {ref('best_eager')}), *vs compile* "

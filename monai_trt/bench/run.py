@@ -302,7 +302,7 @@ def _run_mode(work: Workload, mode: Mode, out: Path, settings: dict[str, Any], r
         if work.device.type == "cuda":
             torch.cuda.empty_cache()  # the start-up and end-to-end processes share this GPU
     clock.log(f"{mode.name}: network {row['network']['median_s'] * 1e3:.1f} ms at batch {work.batch_shape[0]}, "
-              f"sliding window {row['sliding_window']['median_s']:.3f} s / volume")
+              f"sliding window {row['sliding_window']['median_s']:.4g} s / volume")
     per_volume = [compare_outputs_to(o, r, lab, settings["hd95"]) for o, r, lab in
                   zip(outputs, reference or [None] * len(outputs), work.labels)]
     row["accuracy"] = {"vs_fp32": summarize_accuracy(per_volume, "vs_ref") if mode.name != "fp32" else None,
