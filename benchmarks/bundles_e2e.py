@@ -120,11 +120,12 @@ def main() -> None:
         print(bundle, json.dumps(summary), flush=True)
     (out / "bundles_e2e.json").write_text(json.dumps(results, indent=1))
     lines = ["| bundle | --trt False median s | patch on, warm cache, median s | on / off | cold (build) s | "
-             "warm runs that built |", "|---|---|---|---|---|---|"]
+             "warm runs that built | runs that failed |", "|---|---|---|---|---|---|---|"]
     for bundle, data in results["bundles"].items():
         s = data["summary"]
+        failed = [f"{r['name']} (rc {r['rc']})" for r in data["runs"] if r["rc"] != 0]
         lines.append(f"| {bundle} | {s['off_median_s']:.2f} | {s['on_warm_median_s']:.2f} | {s['on_over_off']:.3f} | "
-                     f"{s['on_cold_s']:.1f} | {s['warm_runs_built']} |")
+                     f"{s['on_cold_s']:.1f} | {s['warm_runs_built']} | {', '.join(failed) or 'none'} |")
     (out / "bundles_e2e.md").write_text("\n".join(lines) + f"\n\nCommand: `{' '.join(results['command'])}`\n")
     print("\n".join(lines))
 

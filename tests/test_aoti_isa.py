@@ -172,3 +172,21 @@ def test_cpu_kernels_compiled_without_the_isa_answer_right(unprobed_isa, tmp_pat
     assert not unprobed_isa
     runner = load_package(path, -1)
     torch.testing.assert_close(runner(x), model(x))
+
+
+def test_packages_load_after_onnxruntime_is_imported(monkeypatch):
+    """On the lent H200 every aoti load died with SIGSEGV in a process that had not imported onnxruntime
+    (`benchmarks/session8_diag2.sh`): loads import it first when it is installed, whoever imported monai_trt."""
+    import importlib
+    import types
+
+    import monai_trt.backends.aoti as aoti
+
+    order: list[str] = []
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: order.append(name) or real(name, *a))
+    monkeypatch.setattr(aoti, "_inductor", lambda: types.SimpleNamespace(
+        aoti_load_package=lambda *a, **k: order.append("load")))
+    monkeypatch.setattr(aoti.importlib.util, "find_spec", lambda name: object() if name == "onnxruntime" else None)
+    load_package("unread.pt2", -1)  # the fake loader reads nothing
+    assert order == ["onnxruntime", "load"]

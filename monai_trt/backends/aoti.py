@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
@@ -36,7 +38,13 @@ def _inductor():
 def load_package(path: Path, device_index: int, single_threaded: bool = False) -> Any:
     """`aoti_load_package` without Inductor's CPU vector-ISA probe on this thread (see :mod:`.aoti_isa`).
 
-    `single_threaded`: the runner AOTInductor provides for CUDA graph capture (no events, no model pool)."""
+    `single_threaded`: the runner AOTInductor provides for CUDA graph capture (no events, no model pool).
+
+    onnxruntime, when installed, is imported first: on the lent H200 (torch 2.11+cu130, onnxruntime 1.30 CPU), every
+    load in a process that had not imported it died with SIGSEGV inside torch's package loader, and none did after
+    it (`benchmarks/session8_diag2.sh`; importing onnx or torch._inductor instead did not help; cause not found)."""
+    if importlib.util.find_spec("onnxruntime") is not None:
+        importlib.import_module("onnxruntime")
     with probe_skipped():
         return _inductor().aoti_load_package(str(path), run_single_threaded=single_threaded,
                                              device_index=device_index)
