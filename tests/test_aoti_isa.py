@@ -190,31 +190,3 @@ def test_packages_load_after_onnxruntime_is_imported(monkeypatch):
     monkeypatch.setattr(aoti.importlib.util, "find_spec", lambda name: object() if name == "onnxruntime" else None)
     load_package("unread.pt2", -1)  # the fake loader reads nothing
     assert order == ["onnxruntime", "load"]
-
-
-@pytest.mark.parametrize("method, warms", [("aoti", True), ("onnxruntime", False)])
-def test_applying_an_aoti_entry_starts_the_load_imports_once(method, warms, monkeypatch):
-    """`apply` lets the backend start what its first load needs, on a background thread, once per process."""
-    import monai_trt
-    import monai_trt.backends.aoti as aoti
-    from tests.nets import TinySeg
-
-    ran: list[str] = []
-    monkeypatch.setattr(aoti, "_warmed", False)
-    monkeypatch.setattr(aoti, "_import_for_load", lambda: ran.append(threading.current_thread().name))
-    for _ in range(2):
-        monai_trt.apply(TinySeg().eval(), [{"method": method}])
-    for thread in threading.enumerate():
-        if thread.name == "monai_trt-aoti-warm-up":
-            thread.join(timeout=30)
-    assert ran == (["monai_trt-aoti-warm-up"] if warms else [])
-
-
-def test_the_load_imports_run_on_their_own():
-    """What the warm-up thread runs imports onnxruntime (when installed) and the package loader's modules."""
-    import sys
-
-    import monai_trt.backends.aoti as aoti
-
-    aoti._import_for_load()
-    assert "torch._inductor.codecache" in sys.modules and "torch.export.pt2_archive._package" in sys.modules

@@ -7,7 +7,6 @@ import importlib
 import importlib.util
 import logging
 import shutil
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,22 +33,6 @@ def _inductor():
     import torch._inductor
 
     return torch._inductor
-
-
-_WARM_LOCK = threading.Lock()
-_warmed = False
-
-
-def _import_for_load() -> None:
-    """Import onnxruntime (see :func:`load_package`) and the modules `aoti_load_package` uses."""
-    try:
-        if importlib.util.find_spec("onnxruntime") is not None:
-            importlib.import_module("onnxruntime")
-        for name in ("torch._inductor", "torch._inductor.codecache", "torch._inductor.package",
-                     "torch.export.pt2_archive._package"):
-            importlib.import_module(name)
-    except Exception as err:  # noqa: BLE001 - a head start only: the load imports them itself
-        logger.debug("aoti warm-up imports failed (%s: %s); the first load imports them", type(err).__name__, err)
 
 
 def load_package(path: Path, device_index: int, single_threaded: bool = False) -> Any:
@@ -107,17 +90,6 @@ class AotiBackend:
         except ImportError:
             pass
         return versions
-
-    def warm_up(self) -> None:
-        """Import what loading a package needs on a background thread (once per process): the load on the first
-        call then finds it imported (0.2 s of a warm example bundle run on the H200 went to the load, mostly
-        imports), while the bundle meanwhile loads its checkpoint and first volume."""
-        with _WARM_LOCK:
-            global _warmed
-            if _warmed:
-                return
-            _warmed = True
-        threading.Thread(target=_import_for_load, name="monai_trt-aoti-warm-up", daemon=True).start()
 
     def graph_precision(self, precision: str) -> str:
         return precision

@@ -66,9 +66,6 @@ class Backend(Protocol):
     def graph_precision(self, precision: str) -> str:
         """Precision the exported graph must carry for an engine of `precision` (fp32: the builder casts)."""
 
-    def warm_up(self) -> None:
-        """Start what a later :meth:`load` needs (imports) in the background, once per process; returns at once."""
-
     def build(self, job: BuildJob, out_dir: Path) -> list[str]:
         """Build the engine into `out_dir`; return the artifact file names written there."""
 

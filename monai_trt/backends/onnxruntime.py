@@ -66,9 +66,6 @@ class OnnxRuntimeBackend:
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__, "onnx": _onnx().__version__, "onnxruntime": _ort().__version__}
 
-    def warm_up(self) -> None:
-        """Nothing to start ahead of a load."""
-
     def graph_precision(self, precision: str) -> str:
         return precision
 

@@ -92,9 +92,6 @@ class TensorRTBackend:
             versions["tensorrt_double"] = "1"
         return versions
 
-    def warm_up(self) -> None:
-        """Nothing to start ahead of a load."""
-
     def graph_precision(self, precision: str) -> str:
         """fp32 graph + builder flags on TensorRT 10; a graph already in fp16/bf16 on TensorRT 11."""
         if precision in _HALF and _HAS_TRT and trt_major(trt) < 11:

@@ -70,9 +70,6 @@ class TorchTensorRTBackend:
         versions.update({k: v for k, v in tensorrt_backend.TensorRTBackend().versions().items() if k != "torch"})
         return versions
 
-    def warm_up(self) -> None:
-        """Nothing to start ahead of a load."""
-
     def graph_precision(self, precision: str) -> str:
         """The precision itself with explicit typing; fp32 (cast by TensorRT) with enabled_precisions."""
         if precision in _HALF and _HAS_TORCH_TRT and not _explicit_typing():

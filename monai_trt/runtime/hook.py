@@ -10,8 +10,8 @@ from typing import Any
 
 from torch import nn
 
-from monai_trt.backends import BACKENDS, get_backend, merge_build_args, resolve_method
-from monai_trt.errors import BackendUnavailable, MonaiTrtError, PatchError
+from monai_trt.backends import BACKENDS, get_backend, merge_build_args
+from monai_trt.errors import BackendUnavailable, PatchError
 from monai_trt.patch.spec import PatchEntry, parse_patch, parse_switch
 from monai_trt.runtime.devices import module_device, plan_devices
 from monai_trt.runtime.planner import PlanningWrapper
@@ -103,19 +103,8 @@ def apply(network: nn.Module, patch: Any, enabled: Any = True, name: str | None 
             wrapper.disabled = reason  # warned once, above: PyTorch from the start
         else:
             logger.info("%s will build its engine on first use (cache: %s)", wrapper.label, entry.path)
-            _warm_up(entry, module)
     _report_at_exit()
     return network
-
-
-def _warm_up(entry: PatchEntry, module: nn.Module) -> None:
-    """Let the backend the entry's first call will most likely use start what its load needs
-    (:meth:`~monai_trt.backends.base.Backend.warm_up`)."""
-    try:
-        backend, _ = resolve_method(entry.method, module_device(module), entry.precision)
-    except MonaiTrtError:
-        return  # the first call says why
-    backend.warm_up()
 
 
 def report_unused() -> list[str]:
