@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from monai.utils import optional_import
 
 from monai_trt.backends.base import UNREFITTED, BuildJob, Engine, require_weights
 from monai_trt.errors import EngineBuildError
@@ -18,22 +18,8 @@ from monai_trt.export.program import export_onnx
 
 __all__ = ["OnnxRuntimeBackend"]
 
-# imported on first use: a bundle that another backend serves does not pay for importing them at start-up
-_HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
-
-
-def _ort() -> Any:
-    import onnxruntime
-
-    return onnxruntime
-
-
-def _onnx() -> Any:
-    import onnx
-
-    return onnx
-
-
+ort, _HAS_ORT = optional_import("onnxruntime")
+onnx, _ = optional_import("onnx")
 logger = logging.getLogger(__name__)
 MODEL = "model.onnx"
 _PROTOBUF_LIMIT = 2**31 - 2**24  # an in-memory ONNX model must stay under protobuf's 2 GiB
@@ -57,14 +43,16 @@ class OnnxRuntimeBackend:
     def unavailable_reason(self, device: torch.device) -> str | None:
         if not _HAS_ORT:
             return "the onnxruntime package is not installed (pip install onnxruntime)"
-        if device.type == "cuda" and "CUDAExecutionProvider" not in _ort().get_available_providers():
+        if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             return "this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)"
         if device.type not in ("cpu", "cuda"):
             return f"device type {device.type} is not supported"
         return None
 
     def versions(self) -> dict[str, str]:
-        return {"torch": torch.__version__, "onnx": _onnx().__version__, "onnxruntime": _ort().__version__}
+        import onnx
+
+        return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__}
 
     def graph_precision(self, precision: str) -> str:
         return precision
@@ -82,12 +70,11 @@ class OnnxRuntimeBackend:
         self, entry_dir: Path, meta: Mapping[str, Any], device: torch.device, use_cuda_graph: bool = False
     ) -> Engine:
         if meta.get("refit", "none") != "none":
-            return _RefittableOrt(_onnx().load(str(entry_dir / MODEL)), meta["build_args"], device)
+            return _RefittableOrt(onnx.load(str(entry_dir / MODEL)), meta["build_args"], device)
         return _OrtEngine(self._session(str(entry_dir / MODEL), meta["build_args"], device), device)
 
     @staticmethod
     def _session(model: str | bytes, build_args: Mapping[str, Any], device: torch.device) -> Any:
-        ort = _ort()
         options = ort.SessionOptions()
         level = str(build_args["graph_optimization_level"]).lower()
         levels = {
@@ -114,7 +101,6 @@ class OnnxRuntimeBackend:
 
 def _strip_weights(out_dir: Path, files: list[str], weight_names: frozenset[str]) -> list[str]:
     """Rewrite the exported model without the initializers that are weights; returns the files left."""
-    onnx = _onnx()
     model = onnx.load(str(out_dir / MODEL))
     kept = [i for i in model.graph.initializer if i.name not in weight_names]
     stripped = len(model.graph.initializer) - len(kept)
@@ -144,7 +130,6 @@ class _RefittableOrt:
     def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
         self._engine = None
         require_weights(self._names, weights)
-        onnx = _onnx()
         model = onnx.ModelProto()
         model.CopyFrom(self._graph)
         arrays = {name: _to_numpy(weights[name]) for name in sorted(self._names)}
