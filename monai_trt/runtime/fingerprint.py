@@ -16,6 +16,7 @@ What it cannot see is listed in the README ("What is detected").
 
 from __future__ import annotations
 
+import csv
 import enum
 import functools
 import hashlib
@@ -96,7 +97,8 @@ def describe_module(module: nn.Module) -> dict[str, Any]:
         for name, tensor in named:
             tied = first.setdefault(id(tensor), name)
             tensors.append([name, kind, list(tensor.shape), str(tensor.dtype), tied if tied != name else None])
-    persistent = sorted(n for n, _ in module.named_buffers() if n in module.state_dict(keep_vars=True))
+    saved = module.state_dict(keep_vars=True)  # once: it walks the whole tree
+    persistent = sorted(n for n, _ in module.named_buffers() if n in saved)
     hooks = [walk.describe(h) for d in (_torch_module._global_forward_pre_hooks, _torch_module._global_forward_hooks)
              for h in d.values()]
     return {
@@ -184,11 +186,20 @@ def _distributions_of(package: str) -> tuple[str, ...]:
 
 
 def _top_level(distribution: importlib.metadata.Distribution) -> set[str]:
-    """Top-level import names a distribution installs (its top_level.txt, else the first parts of its files)."""
+    """Top-level import names a distribution installs (its top_level.txt, else the first parts of its files; read
+    from RECORD as text where there is one: `Distribution.files` makes a path object per file)."""
     listed = distribution.read_text("top_level.txt")
     if listed:
         return set(listed.split())
-    return {str(f).split("/", 1)[0].removesuffix(".py") for f in distribution.files or ()}
+    record = distribution.read_text("RECORD")
+    paths = [row[0] for row in csv.reader(record.splitlines()) if row] if record else \
+        [str(f) for f in distribution.files or ()]
+    return {_first_part(path).removesuffix(".py") for path in paths}
+
+
+def _first_part(path: str) -> str:
+    """The first component of a relative posix path, as `PurePosixPath` parses it (empty and "." parts dropped)."""
+    return next((part for part in path.split("/") if part and part != "."), "")
 
 
 @functools.lru_cache(maxsize=None)

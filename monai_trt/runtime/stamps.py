@@ -265,8 +265,10 @@ def _same(new: list[Any], old: list[Any]) -> bool:
     return len(new) == len(old) and all(map(is_, new, old))
 
 
-def _values(layout: list[Any]) -> tuple[Any, ...]:
-    return tuple(map(_freeze, layout))
+def _values(modules: list[nn.Module], tables: list[dict[str, Any]]) -> tuple[Any, ...]:
+    """The layout compared by value where a new object may carry the same meaning (:func:`_freeze`); each module's
+    attribute dict by identity (its values follow it in the layout)."""
+    return (*map(id, map(vars, modules)), *map(_freeze, chain.from_iterable(map(dict.values, tables))))
 
 
 def _freeze(value: Any) -> Any:
@@ -291,7 +293,7 @@ class Stamp:
         self._tables = _tables(self._modules)
         self._layout = _layout(self._modules, self._tables)  # keeps every value alive: identities stay meaningful
         self._sizes = list(map(len, self._tables))
-        self._values = _values(self._layout)
+        self._values = _values(self._modules, self._tables)
         self._containers = [
             (m.__dict__, name, _freeze(value)) for m in self._modules for name, value in m.__dict__.items()
             if name not in MODULE_BOOKKEEPING and isinstance(value, (list, dict, set))
@@ -338,7 +340,7 @@ class Stamp:
                 list(map(len, self._tables)) != self._sizes:
             tables = _tables(self._modules)
             layout = _layout(self._modules, tables)
-            if _values(layout) != self._values:
+            if _values(self._modules, tables) != self._values:
                 return "structure or attributes"
             # equal values in new objects (torch.export copies tuples): compared by identity from now on
             self._tables, self._layout, self._sizes = tables, layout, list(map(len, tables))
