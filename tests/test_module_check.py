@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from monai_trt.runtime import stamps
+from monai_trt.runtime import content_check, stamps
 from monai_trt.runtime.stamps import IN_PLACE, Stamp
 from tests.conftest import requires_cuda
 
@@ -72,8 +72,8 @@ def test_equal_values_in_new_objects_are_not_a_change():
 def test_cpu_checks_never_capture(monkeypatch):
     net = _net()
     stamp = Stamp(net)
-    monkeypatch.setattr(stamps._GraphedCheck, "capture", lambda *a: pytest.fail("no graphs on CPU"))
-    for _ in range(stamps.GRAPH_AFTER + 2):
+    monkeypatch.setattr(content_check._GraphedCheck, "capture", lambda *a: pytest.fail("no graphs on CPU"))
+    for _ in range(content_check.GRAPH_AFTER + 2):
         assert stamp.changed() is None
     with torch.no_grad():
         net[2].weight.data[3, 7] += 1.0
@@ -85,7 +85,7 @@ def test_cpu_checks_never_capture(monkeypatch):
 def test_graphed_checks_on_cuda_see_writes_behind_the_version_counter(layer):
     net = _net().cuda()
     stamp = Stamp(net)
-    for _ in range(stamps.GRAPH_AFTER + 3):
+    for _ in range(content_check.GRAPH_AFTER + 3):
         assert stamp.changed() is None
     graphs = stamp._content._graphs
     assert graphs and all(g is not None for g in graphs.values()), "the check should replay as a CUDA graph by now"
@@ -103,7 +103,7 @@ def test_graphed_checks_follow_many_calls_from_two_threads():
 
     net = _net().cuda()
     stamp = Stamp(net)
-    for _ in range(stamps.GRAPH_AFTER + 1):
+    for _ in range(content_check.GRAPH_AFTER + 1):
         stamp.changed()
     answers: list = []
 

@@ -29,9 +29,10 @@ from monai_trt.export import DEFAULT_EXPORT_ARGS, FlatForward, precision_module
 from monai_trt.export.quiet import quiet_third_party, summarize_error
 from monai_trt.patch import PatchEntry
 from monai_trt.runtime.calls import CapturedCall, dtype_name, engine_float_dtype
+from monai_trt.runtime.content_check import GRAPH_AFTER
 from monai_trt.runtime.profiles import plan_profiles, profile_accepts
 from monai_trt.runtime.refit import REFIT_EXPORT_ARGS, engine_weights, graph_weights, is_refittable
-from monai_trt.runtime.stamps import GRAPH_AFTER, ModuleState
+from monai_trt.runtime.stamps import ModuleState
 from monai_trt.runtime.validate import compare_outputs
 from monai_trt.runtime.verdicts import Verdicts, per_call_seconds
 
