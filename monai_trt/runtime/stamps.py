@@ -5,9 +5,9 @@
 - :class:`ModuleState`: both digests, kept current by a per-call :class:`Stamp` that sees structure and attribute
   changes (the identity of every submodule, attribute value, parameter and buffer; hooks), in-place updates (version
   counters, storage pointers) and — through a content checksum (:mod:`.content_check`) — writes that bypass the
-  version counter
-  (`.data`, numpy views). When the stamp changes, both digests are recomputed; :meth:`ModuleState.refresh` forces
-  that on the next call. What the checksum can miss is in the README ("What is detected").
+  version counter (`.data`, numpy views). When the stamp changes, both digests are recomputed;
+  :meth:`ModuleState.refresh` forces that on the next call. What the checksum can miss is in the README ("What is
+  detected").
 """
 
 from __future__ import annotations
