@@ -83,10 +83,10 @@ def _same(new: list[Any], old: list[Any]) -> bool:
     return len(new) == len(old) and all(map(is_, new, old))
 
 
-def _values(modules: list[nn.Module], tables: list[dict[str, Any]]) -> tuple[Any, ...]:
-    """The layout compared by value where a new object may carry the same meaning (:func:`_freeze`); each module's
-    attribute dict by identity (its values follow it in the layout)."""
-    return (*map(id, map(vars, modules)), *map(_freeze, chain.from_iterable(map(dict.values, tables))))
+def _values(layout: list[Any], modules: int) -> tuple[Any, ...]:
+    """A layout compared by value where a new object may carry the same meaning (:func:`_freeze`); its first
+    `modules` entries, the modules' attribute dicts, by identity (their values follow them in the layout)."""
+    return (*map(id, layout[:modules]), *map(_freeze, layout[modules:]))
 
 
 def _freeze(value: Any) -> Any:
@@ -111,7 +111,7 @@ class Stamp:
         self._tables = _tables(self._modules)
         self._layout = _layout(self._modules, self._tables)  # keeps every value alive: identities stay meaningful
         self._sizes = list(map(len, self._tables))
-        self._values = _values(self._modules, self._tables)
+        self._values = _values(self._layout, len(self._modules))
         self._containers = [
             (m.__dict__, name, _freeze(value)) for m in self._modules for name, value in m.__dict__.items()
             if name not in MODULE_BOOKKEEPING and isinstance(value, (list, dict, set))
@@ -158,7 +158,7 @@ class Stamp:
                 list(map(len, self._tables)) != self._sizes:
             tables = _tables(self._modules)
             layout = _layout(self._modules, tables)
-            if _values(self._modules, tables) != self._values:
+            if _values(layout, len(self._modules)) != self._values:
                 return "structure or attributes"
             # equal values in new objects (torch.export copies tuples): compared by identity from now on
             self._tables, self._layout, self._sizes = tables, layout, list(map(len, tables))
