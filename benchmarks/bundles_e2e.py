@@ -1,9 +1,11 @@
 """Whole `python -m monai.bundle run` wall time, patch on (warm cache) against `--trt False`, median of N each.
 
 For each bundle: one untimed plain run (data, imports and file caches warm), one cold run with the patch (builds,
-validates, measures the speed gate: its time is reported, not compared), then N rounds of (off, on) alternating, so
-that drift on the machine hits both alike. Writes `<out>/bundles_e2e.json` and `.md`; the events file of each warm
-run tells whether engines served from the cache (no build) or the gate chose PyTorch.
+validates, measures the speed gate: its time is reported, not compared), then N pairs of runs, off then on, on then
+off, alternately (ABBA), so that drift on the machine and whatever a run leaves to the next hit both alike; the
+median of the pairs' ratios is reported beside the ratio of the medians. Writes `<out>/bundles_e2e.json` and
+`.md`; the events file of each warm run tells whether engines served from the cache (no build) or the gate chose
+PyTorch (a run renting PyTorch before it takes its engine, runtime/rent.py, has neither: its log says so).
 
 Usage (repo root): python benchmarks/bundles_e2e.py OUT [--bundles spheres_segmentation,...] [--repeats 3]
     [--override '{"key": value}'] [--profile]
@@ -97,8 +99,10 @@ def main() -> None:
     for bundle in args.bundles.split(","):
         rows = [run(bundle, out, "warmup", False, overrides, env), run(bundle, out, "on_cold", True, overrides, env)]
         for i in range(args.repeats):  # `off` = the patch merged and switched off, as a user would run it
-            rows.append(run(bundle, out, f"off_{i}", True, {**overrides, "trt": False}, env))
-            rows.append(run(bundle, out, f"on_{i}", True, overrides, env))
+            pair = [run(bundle, out, f"off_{i}", True, {**overrides, "trt": False}, env)
+                    if side == "off" else run(bundle, out, f"on_{i}", True, overrides, env)
+                    for side in (("off", "on") if i % 2 == 0 else ("on", "off"))]  # ABBA: neither side always first
+            rows += sorted(pair, key=lambda r: not r["name"].startswith("off_"))
         if args.profile:  # where a warm run's time goes, patch on and off (not in the medians)
             rows.append(run(bundle, out, "profile_off", True, {**overrides, "trt": False}, env, profile=True))
             rows.append(run(bundle, out, "profile_on", True, overrides, env, profile=True))
@@ -111,6 +115,7 @@ def main() -> None:
                    "on_cold_s": rows[1]["wall_s"], "all_ok": all(r["rc"] == 0 for r in rows),
                    "warm_runs_built": sum(r["built"] for r in rows[2:] if r["name"].startswith("on_"))}
         summary["on_over_off"] = round(summary["on_warm_median_s"] / summary["off_median_s"], 3)
+        summary["paired_on_over_off_median"] = round(statistics.median(b / a for a, b in zip(off, on)), 3)
         for side in ("off", "on"):  # the medians of each phase (see _phases)
             timed = [r for r in rows if r["name"].startswith(f"{side}_") and r["name"] != "on_cold"]
             summary[f"{side}_phases_median_s"] = {
@@ -119,12 +124,14 @@ def main() -> None:
         results["bundles"][bundle] = {"runs": rows, "summary": summary}
         print(bundle, json.dumps(summary), flush=True)
     (out / "bundles_e2e.json").write_text(json.dumps(results, indent=1))
-    lines = ["| bundle | --trt False median s | patch on, warm cache, median s | on / off | cold (build) s | "
-             "warm runs that built | runs that failed |", "|---|---|---|---|---|---|---|"]
+    lines = ["| bundle | --trt False median s | patch on, warm cache, median s | on / off | "
+             "median of pairs' on / off | cold (build) s | warm runs that built | runs that failed |",
+             "|---|---|---|---|---|---|---|---|"]
     for bundle, data in results["bundles"].items():
         s = data["summary"]
         failed = [f"{r['name']} (rc {r['rc']})" for r in data["runs"] if r["rc"] != 0]
         lines.append(f"| {bundle} | {s['off_median_s']:.2f} | {s['on_warm_median_s']:.2f} | {s['on_over_off']:.3f} | "
+                     f"{s['paired_on_over_off_median']:.3f} | "
                      f"{s['on_cold_s']:.1f} | {s['warm_runs_built']} | {', '.join(failed) or 'none'} |")
     (out / "bundles_e2e.md").write_text("\n".join(lines) + f"\n\nCommand: `{' '.join(results['command'])}`\n")
     print("\n".join(lines))

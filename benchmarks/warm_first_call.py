@@ -1,5 +1,6 @@
 """Where a warm process's first engine call goes: build the example UNet's engine (`auto`, the bundle's patch
-entry) in one process, then, in a fresh one, apply the patch and profile the first call (cProfile, GC off so that a
+entry, with the speed gate off so that the warm process takes the engine at once instead of renting PyTorch first)
+in one process, then, in a fresh one, apply the patch and profile the first call (cProfile, GC off so that a
 collection does not land in one function). Writes `<out>/warm_first_call.txt`.
 
 Usage (repo root): python benchmarks/warm_first_call.py OUT [--device cuda]
@@ -19,7 +20,8 @@ import monai_trt
 cache, device, profile = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 torch.manual_seed(0)
 net = UNet(3, 1, 2, (16, 32, 64, 128), (2, 2, 2), num_res_units=2, norm="batch").eval().to(device)
-monai_trt.apply(net, [{"submodule": "", "precision": "auto", "dynamic_batchsize": [1, 4, 4], "path": cache}])
+monai_trt.apply(net, [{"submodule": "", "precision": "auto", "dynamic_batchsize": [1, 4, 4], "path": cache,
+                     "min_speedup": 0}])
 x = torch.randn(4, 1, 64, 64, 64, device=device)
 gc.disable()
 prof = cProfile.Profile()

@@ -151,6 +151,9 @@ def build_engines(
         raise UsageError("trt_patch is empty: nothing to build")
     before = _entry_keys(sorted({e.path for e in bundle.patch}))
     apply(bundle.network, bundle.raw_patch, enabled=True, name=bundle.net_id)
+    for wrapper in wrappers(bundle.network).values():
+        if wrapper.engine_set.rent is not None:  # building means taking every engine now, however few calls follow
+            wrapper.engine_set.rent.renting_allowed = False
     calls = plan_calls(bundle, batch, spatial_shape)
     for description, call in calls:
         if on_call is not None:

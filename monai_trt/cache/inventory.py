@@ -232,14 +232,18 @@ def here_status(meta: Mapping[str, Any]) -> tuple[str, str]:
 
 def leftovers(root: str | os.PathLike, timing: bool = False) -> list[tuple[Path, str]]:
     """Quarantined entries, remembered export failures and `submodule: auto` plans, and builds left behind by
-    processes that are gone (and with `timing`, the TensorRT timing caches, which only speed up later builds):
-    (path, why)."""
+    processes that are gone (and with `timing`, what only changes speed: the TensorRT timing caches, the speed
+    gate's measurements and validations, and the prices of taking engines): (path, why)."""
     base = Path(root).expanduser()
     found = [(p, "quarantined entry") for p in sorted((base / "quarantine").glob("*")) if p.is_dir()]
     found += [(p, "remembered export failure") for p in sorted((base / "failures").glob("*.json")) if p.is_file()]
     found += [(p, "remembered `submodule: auto` plan") for p in sorted((base / "plans").glob("*.json")) if p.is_file()]
     if timing:
         found += [(p, "TensorRT timing cache") for p in sorted((base / "timing").glob("*")) if p.is_file()]
+        found += [(p, "remembered speed measurement") for p in sorted((base / "verdicts").glob("*.json"))
+                  if p.is_file()]
+        found += [(p, "remembered price of taking an engine") for p in sorted((base / "loads").glob("*.json"))
+                  if p.is_file()]
     for path in sorted((base / "tmp").glob("*")):
         parts = path.name.split(".")
         if path.is_dir() and len(parts) >= 2 and parts[1].isdigit() and not pid_alive(int(parts[1])):

@@ -13,6 +13,7 @@ Layout under the cache root::
     failures/<key>.json         export failures (deterministic for their key): not retried until the key changes
     plans/<key>.json            `submodule: auto`: which parts of a search root became engines (runtime/planner.py)
     verdicts/<key>.json         per machine: the speed gate's measurement, and the weights the engine was validated with
+    loads/<key>.json            per call layout and machine: what taking an engine costs and saves (runtime/rent.py)
 
 Artifacts are code (a .pt2 holds a shared library), so nothing is loaded unless the cache root, every directory above
 it, `entries/`, the entry and each artifact are safe from other accounts (:mod:`.trust`), meta.json passes its
@@ -57,7 +58,7 @@ __all__ = ["CacheEntry", "EngineCache", "BuildTimeout", "pid_alive", "QUARANTINE
 
 logger = logging.getLogger(__name__)
 _LOCK_POLL_SECONDS = 30.0
-_SIDE_DIRS = ("entries", "locks", "tmp", "quarantine", "timing", "failures", "verdicts", "plans")
+_SIDE_DIRS = ("entries", "locks", "tmp", "quarantine", "timing", "failures", "verdicts", "plans", "loads")
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 QUARANTINE_KEEP = 3  # quarantined entries kept for inspection (newest first); older ones are deleted
 QUARANTINE_MAX_BYTES = 2 << 30  # ... and at most this much besides the newest one

@@ -32,6 +32,7 @@ from monai_trt.runtime.calls import CapturedCall, dtype_name, engine_float_dtype
 from monai_trt.runtime.content_check import GRAPH_AFTER
 from monai_trt.runtime.profiles import plan_profiles, profile_accepts
 from monai_trt.runtime.refit import REFIT_EXPORT_ARGS, engine_weights, graph_weights, is_refittable
+from monai_trt.runtime.rent import Rent
 from monai_trt.runtime.stamps import ModuleState
 from monai_trt.runtime.validate import compare_outputs
 from monai_trt.runtime.verdicts import Verdicts, per_call_seconds
@@ -138,6 +139,9 @@ class EngineSet:
         self._state: ModuleState | None = None  # created on the first key: the module may still be on `meta`
         self._warned: set[str] = set()
         self._busy: set[str] = set()  # keys whose build lock outlasted build_timeout once
+        # rent before buy (runtime/rent.py): with the speed gate on, for plain entries only
+        self.rent = (Rent(lambda: open_cache(spec.path), module, spec, label)
+                     if spec.speed_gate and not spec.search_depth and spec.devices is None else None)
 
     def warn_once(self, cause: str, msg: str, *args: Any) -> None:
         if cause not in self._warned:
@@ -166,6 +170,8 @@ class EngineSet:
                     return self.engine_for(call, reference, autocast)  # changed: validate with the module as it is
                 self._check_once(loaded, call, reference, autocast)
                 return loaded
+        if self.rent is not None and call.layout not in self.by_layout and self.rent.renting(call.layout):
+            return None  # PyTorch, until the calls it answers have cost what taking the engine costs
         if not self.settle(deferred):  # builds, loads and validations below work with final digests
             return self.engine_for(call, reference, autocast)
         with self._lock:
@@ -305,12 +311,11 @@ class EngineSet:
         backend, build_args = self.backend(device)
         if not backend.multi_profile:
             profiles = profiles[:1]  # one engine per profile; the matching one comes first
-        start = time.perf_counter()
+        clock = _Clock()
         key_inputs = self.key_inputs(call, profiles, backend, build_args)
         key = engine_key(key_inputs)
-        logger.debug("%s: key inputs hashed in %.3f s", self.label, time.perf_counter() - start)
+        clock.lap("key")
         cache = open_cache(self.spec.path)
-        clock = _Clock()
         cached = cache.lookup(key, required=ENGINE_FIELDS)
         clock.lap("verify")
         built_now = cached is None
@@ -345,11 +350,16 @@ class EngineSet:
             clock.lap(f"speed gate (engine {engine_s * 1e3:.1f} ms, PyTorch {pytorch_s * 1e3:.1f} ms)")
             if not loaded.serve:
                 self._say_slower(cached, verdicts.speed, remembered=False)
+        if self.rent is not None and loaded.serve and verdicts.speed is not None:
+            self.rent.bought(call.layout, clock.total("key", "verify", "load", "refit"), verdicts.speed,
+                              measured_warm=not built_now)
+        rented = self.rent.rented(call.layout) if self.rent is not None else 0
         if built_now:
             logger.info("%s: first call took %s", self.label, clock)
         else:
             emit(Event(self.label, "cache_hit", detail={"path": str(cached.path)}))
-            logger.info("%s: using cached engine %s (%s)", self.label, cached.path, clock)
+            logger.info("%s: using cached engine %s (%s)%s", self.label, cached.path, clock,
+                        f", after {rented} call{'' if rented == 1 else 's'} in PyTorch" if rented else "")
         return loaded
 
     def _build(
@@ -539,15 +549,19 @@ class _Clock:
 
     def __init__(self) -> None:
         self._last = time.perf_counter()
-        self._laps: list[str] = []
+        self._laps: list[tuple[str, float]] = []
 
     def lap(self, name: str) -> None:
         now = time.perf_counter()
-        self._laps.append(f"{name} {now - self._last:.2f} s")
+        self._laps.append((name, now - self._last))
         self._last = now
 
+    def total(self, *names: str) -> float:
+        """Seconds spent in the laps called `names`."""
+        return sum(seconds for name, seconds in self._laps if name in names)
+
     def __str__(self) -> str:
-        return ", ".join(self._laps)
+        return ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self._laps)
 
 
 @contextlib.contextmanager
