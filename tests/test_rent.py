@@ -91,13 +91,34 @@ def test_a_warm_process_runs_pytorch_until_the_engine_has_paid_for_itself(cache_
     assert wrapper.calls == {"engine": 2, "pytorch": 3} and loads == [1]
 
 
-@pytest.mark.parametrize("fields", [{"engine_s": 0.002, "pytorch_s": 0.002}, {"price_s": "soon"}, {"price_s": -1.0}])
+@pytest.mark.parametrize("fields", [{"engine_s": 0.002, "pytorch_s": 0.002}, {"price_s": "soon"}, {"price_s": -1.0},
+                                    {"entry": "../elsewhere"}])
 def test_a_price_that_promises_nothing_rents_nothing(cache_dir, built, loads, fields):
     net = built
     _set_price(cache_dir, **{"price_s": 0.003, "engine_s": 0.001, "pytorch_s": 0.002, **fields})
     again = monai_trt.apply(_twin(net), [GATED])
     _run(again, torch.randn(2, 1, 12, 12, 12))
     assert monai_trt.wrappers(again)[""].calls == {"engine": 1, "pytorch": 0} and loads == [1]
+
+
+def test_no_renting_for_an_engine_that_was_cleaned_away(cache_dir, built, loads):
+    """The price is of taking a cached engine: once `clean` removed it, the first call builds, as without renting."""
+    from monai_trt.cli import commands as cli
+
+    _set_price(cache_dir, price_s=1.0, engine_s=0.001, pytorch_s=0.002)
+    cli.clean(all=False, max_size=0, yes=True)
+    assert not list((Path(cache_dir) / "entries").iterdir())
+    again = monai_trt.apply(_twin(built), [GATED])
+    _run(again, torch.randn(2, 1, 12, 12, 12))
+    assert monai_trt.wrappers(again)[""].calls == {"engine": 1, "pytorch": 0}
+    assert monai_trt.wrappers(again)[""].builds == 1
+
+
+def test_a_network_of_the_same_class_with_other_sizes_has_its_own_price(cache_dir, built):
+    _set_price(cache_dir, price_s=1.0, engine_s=0.001, pytorch_s=0.002)  # would rent 1000 calls
+    wider = monai_trt.apply(TinySeg(out_ch=3).eval(), [GATED])
+    _run(wider, torch.randn(2, 1, 12, 12, 12))
+    assert monai_trt.wrappers(wider)[""].calls == {"engine": 1, "pytorch": 0}
 
 
 def test_other_settings_or_layouts_have_their_own_price(cache_dir, built):
@@ -132,9 +153,9 @@ def test_a_builder_does_not_replace_a_price_paid_warm(cache_dir):
     rent = Rent(lambda: lifecycle.open_cache(cache_dir), net, spec, "test")
     layout = next(iter(monai_trt.wrappers(net)[""].engines))
     speed = {"engine_s": 0.001, "pytorch_s": 0.002}
-    rent.bought(layout, 0.01, speed, measured_warm=False)
+    rent.bought(layout, "ab" * 32, 0.01, speed, measured_warm=False)
     assert json.loads(_records(cache_dir)[0].read_text())["price_s"] == 0.5
-    rent.bought(layout, 0.25, speed, measured_warm=True)
+    rent.bought(layout, "ab" * 32, 0.25, speed, measured_warm=True)
     assert json.loads(_records(cache_dir)[0].read_text())["price_s"] == 0.25
 
 

@@ -351,8 +351,8 @@ class EngineSet:
             if not loaded.serve:
                 self._say_slower(cached, verdicts.speed, remembered=False)
         if self.rent is not None and loaded.serve and verdicts.speed is not None:
-            self.rent.bought(call.layout, clock.total("key", "verify", "load", "refit"), verdicts.speed,
-                              measured_warm=not built_now)
+            self.rent.bought(call.layout, key, clock.total("key", "verify", "load", "refit"), verdicts.speed,
+                             measured_warm=not built_now)
         rented = self.rent.rented(call.layout) if self.rent is not None else 0
         if built_now:
             logger.info("%s: first call took %s", self.label, clock)

@@ -49,7 +49,7 @@ class Rent:
 
     def __init__(self, cache: Callable[[], Any], module: nn.Module, spec: PatchEntry, label: str) -> None:
         self._cache, self._spec, self._label = cache, spec, label
-        self._module_class = f"{type(module).__module__}.{type(module).__qualname__}"
+        self._module = module
         self._left: dict[CallLayout, int] = {}  # calls still rented, per layout (0: taken, or nothing recorded)
         self._rented: dict[CallLayout, int] = {}
         self.renting_allowed = True  # False: engines are taken at once (prices are still remembered)
@@ -71,8 +71,10 @@ class Rent:
         """Calls of `layout` this process ran in PyTorch while renting."""
         return self._rented.get(layout, 0)
 
-    def bought(self, layout: CallLayout, price_s: float, speed: Mapping[str, Any], measured_warm: bool) -> None:
-        """The engine for `layout` was taken at `price_s` (key, checks, load); remember what it costs and saves.
+    def bought(self, layout: CallLayout, entry: str, price_s: float, speed: Mapping[str, Any],
+               measured_warm: bool) -> None:
+        """The engine for `layout` (cache entry `entry`) was taken at `price_s` (key, checks, load); remember what
+        it costs and saves.
 
         `measured_warm`: the price was paid as a later process pays it (a cache hit). A process that built the
         engine loads it with its imports already done, so its price is only written when none is remembered."""
@@ -82,14 +84,18 @@ class Rent:
             return
         self._cache().write_record(RECORD, key, {
             "price_s": round(price_s, 4), "engine_s": speed["engine_s"], "pytorch_s": speed["pytorch_s"],
-            "time": time.time()})
+            "entry": entry, "time": time.time()})
 
     def _calls_to_rent(self, layout: CallLayout) -> int:
-        record = self._cache().read_record(RECORD, self._key(layout)) or {}
+        cache = self._cache()
+        record = cache.read_record(RECORD, self._key(layout)) or {}
         try:
             price, engine_s, pytorch_s = (float(record[k]) for k in ("price_s", "engine_s", "pytorch_s"))
+            entry = str(record["entry"])
         except (KeyError, TypeError, ValueError):
             return 0  # nothing remembered (or unreadable): take the engine now, as without renting
+        if not entry.isalnum() or not cache.entry_dir(entry).is_dir():
+            return 0  # the engine it priced is gone (cleaned): the next call builds, as it would without renting
         saving = pytorch_s - engine_s
         if not all(math.isfinite(v) for v in (price, saving)) or price <= 0 or saving <= 0:
             return 0
@@ -100,12 +106,16 @@ class Rent:
         return calls
 
     def _key(self, layout: CallLayout) -> str:
-        """What the record is remembered under: the entry, the module class, the call layout, the machine and the
-        versions that change an engine's speed most (not the weights, whose fingerprint is part of the price)."""
+        """What the record is remembered under: the patch entry, the module's class and its parameter and buffer
+        shapes (telling apart networks of one class built with other sizes), the call layout, the machine and torch's
+        version. Not the weights: fingerprinting them is part of the price."""
         device = torch.device(layout.device)
+        module = self._module
         entry = {name: getattr(self._spec, name) for name in self._spec.__dataclass_fields__}
         return digest({
             "schema": SCHEMA, "entry": {k: dict(v) if isinstance(v, Mapping) else v for k, v in entry.items()},
-            "module_class": self._module_class, "layout": {**layout.to_json(), "device": layout.device},
+            "module_class": f"{type(module).__module__}.{type(module).__qualname__}",
+            "shapes": [(name, list(t.shape)) for name, t in (*module.named_parameters(), *module.named_buffers())],
+            "layout": {**layout.to_json(), "device": layout.device},
             "machine": machine_id(device.type, device.index), "torch": torch.__version__,
         })
