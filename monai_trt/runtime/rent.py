@@ -1,14 +1,15 @@
 """Rent before buy: a warm process loads a cached engine only once PyTorch calls have cost what loading it costs.
 
 Taking an engine from the cache has a price per process: its cache key (the module's fingerprints), the artifact
-checks and the load itself (0.3–0.5 s for a small `aoti` engine on an H200, mostly imports). Each call it serves
-then saves `pytorch_s - engine_s`. A process that makes few calls, such as a bundle run on a few small volumes, is
-faster without the engine. So, once the speed gate has measured an engine, its price and saving are remembered
-(`loads/<key>.json`, keyed by the patch entry, the module's class and parameter shapes, the call layout, the machine
-and torch's version, not by the weights). A later process runs the first ceil(price / saving) calls of that layout in
-PyTorch and takes the engine on the next one: never slower than PyTorch by more than the price, and about twice the
-better choice in hindsight at worst (the ski-rental rule). Only with the speed gate on (`min_speedup`, on for
-`method: auto`), for plain patch entries (not `submodule: auto` searches, not `devices` splits).
+checks and the load itself (0.1–0.6 s for the example bundles' `aoti` engines on an H200, mostly the load). Each
+call it serves then saves `pytorch_s - engine_s`. A process that makes few calls, such as a bundle run on a few
+small volumes, is faster without the engine. So, once the speed gate has measured an engine, its price and saving
+are remembered (`loads/<key>.json`, keyed by the patch entry, the module's class and parameter shapes, the call
+layout, the machine and torch's version, not by the weights). A later process runs the first ceil(price / saving)
+calls of that layout in PyTorch and takes the engine on the next one: never slower than PyTorch by more than the
+price, and about twice the better choice in hindsight at worst (the ski-rental rule). Only with the speed gate on
+(`min_speedup`, on for `method: auto`), for plain patch entries (not `submodule: auto` searches, not `devices`
+splits).
 
 PyTorch answers every rented call, so renting can make a process slower, never wrong.
 """
