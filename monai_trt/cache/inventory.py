@@ -230,15 +230,15 @@ def here_status(meta: Mapping[str, Any]) -> tuple[str, str]:
     return ("stale", "; ".join(diffs)) if diffs else ("ok", "")
 
 
-def leftovers(root: str | os.PathLike, timing: bool = False) -> list[tuple[Path, str]]:
+def leftovers(root: str | os.PathLike, speed_records: bool = False) -> list[tuple[Path, str]]:
     """Quarantined entries, remembered export failures and `submodule: auto` plans, and builds left behind by
-    processes that are gone (and with `timing`, what only changes speed: the TensorRT timing caches, the speed
+    processes that are gone (and with `speed_records`, what only changes speed: the TensorRT timing caches, the speed
     gate's measurements and validations, and the prices of taking engines): (path, why)."""
     base = Path(root).expanduser()
     found = [(p, "quarantined entry") for p in sorted((base / "quarantine").glob("*")) if p.is_dir()]
     found += [(p, "remembered export failure") for p in sorted((base / "failures").glob("*.json")) if p.is_file()]
     found += [(p, "remembered `submodule: auto` plan") for p in sorted((base / "plans").glob("*.json")) if p.is_file()]
-    if timing:
+    if speed_records:
         found += [(p, "TensorRT timing cache") for p in sorted((base / "timing").glob("*")) if p.is_file()]
         found += [(p, "remembered speed measurement") for p in sorted((base / "verdicts").glob("*.json"))
                   if p.is_file()]
@@ -266,7 +266,7 @@ def clean_cache(
         problem = delete(root, entry) if yes else ""
         items.append({"key": entry.key, "path": str(entry.path), "size": entry.size, "why": why, "kind": "entry",
                       "deleted": yes and not problem, "skipped": problem})
-    for path, why in leftovers(root, timing=everything) if Path(root).expanduser().is_dir() else []:
+    for path, why in leftovers(root, speed_records=everything) if Path(root).expanduser().is_dir() else []:
         size = tree_size(path) if path.is_dir() else path.stat().st_size
         if yes and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
