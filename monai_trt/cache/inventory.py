@@ -236,14 +236,12 @@ def leftovers(root: str | os.PathLike, speed_records: bool = False) -> list[tupl
     gate's measurements and validations, and the prices of taking engines): (path, why)."""
     base = Path(root).expanduser()
     found = [(p, "quarantined entry") for p in sorted((base / "quarantine").glob("*")) if p.is_dir()]
-    found += [(p, "remembered export failure") for p in sorted((base / "failures").glob("*.json")) if p.is_file()]
-    found += [(p, "remembered `submodule: auto` plan") for p in sorted((base / "plans").glob("*.json")) if p.is_file()]
+    files = [("failures", "*.json", "remembered export failure"),
+             ("plans", "*.json", "remembered `submodule: auto` plan")]
     if speed_records:
-        found += [(p, "TensorRT timing cache") for p in sorted((base / "timing").glob("*")) if p.is_file()]
-        found += [(p, "remembered speed measurement") for p in sorted((base / "verdicts").glob("*.json"))
-                  if p.is_file()]
-        found += [(p, "remembered price of taking an engine") for p in sorted((base / "loads").glob("*.json"))
-                  if p.is_file()]
+        files += [("timing", "*", "TensorRT timing cache"), ("verdicts", "*.json", "remembered speed measurement"),
+                  ("loads", "*.json", "remembered price of taking an engine")]
+    found += [(p, why) for folder, pattern, why in files for p in sorted((base / folder).glob(pattern)) if p.is_file()]
     for path in sorted((base / "tmp").glob("*")):
         parts = path.name.split(".")
         if path.is_dir() and len(parts) >= 2 and parts[1].isdigit() and not pid_alive(int(parts[1])):
